@@ -1,0 +1,85 @@
+"""Accuracy benchmark on the Magnetic Tile Defect data (MVTec layout).
+
+Trains one configuration with the generic loop, evaluates it on the test split
+and writes ``benchmarks/results/<name>.json`` (metrics, training time, the
+configuration and the exact command). The README quotes these files.
+
+    python benchmarks/mtd_accuracy.py --name stpm_lite0_letterbox_e100
+    python benchmarks/mtd_accuracy.py --name stpm_lite0_stretch_e20 --resize-mode stretch \
+        --epochs 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from anomap.evaluate import evaluate_run
+from anomap.train import fit
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_DATA = ROOT.parents[1] / "shared" / "data" / "mtd"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--model", default="stpm")
+    parser.add_argument("--backbone", default=None)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--resize-mode", default="letterbox")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--runs", type=Path, default=Path("/tmp/anomap_runs"))
+    parser.add_argument("--panels", action="store_true", help="also write heat-map panels")
+    args = parser.parse_args()
+    if not args.data.is_dir():
+        sys.exit(f"{args.data}: MTD data not found (see ../shared/data/README.md)")
+
+    run = args.runs / args.name
+    started = time.perf_counter()
+    trained = fit(args.model, args.data, run, model_config={"backbone": args.backbone},
+                  recipe_overrides={"epochs": args.epochs, "batch_size": args.batch_size,
+                                    "image_size": args.image_size},
+                  resize_mode=args.resize_mode, seed=args.seed, device=args.device,
+                  resume=(run / "last.pt").exists(), progress=False)
+    train_seconds = time.perf_counter() - started
+    result = evaluate_run(run, device=args.device, panels=args.panels, progress=False)
+    config = json.loads((run / "config.json").read_text())
+    history = trained["history"]
+    record = {
+        "name": args.name,
+        "command": "python " + " ".join(sys.argv),
+        "metrics": {k: result[k] for k in ("image_auroc", "pixel_auroc", "aupro",
+                                           "image_f1_max", "threshold", "n_images",
+                                           "n_skipped", "images_per_second",
+                                           "model_images_per_second")},
+        "per_defect_type_image_auroc": result["per_defect_type"],
+        "best_epoch": trained["best_epoch"],
+        "epochs": config["recipe"]["epochs"],
+        "train_seconds": round(train_seconds, 1),
+        "train_ms_per_image": round(1000 / max(h["train_images_per_second"] for h in history)
+                                    , 1),
+        "config": config,
+        "machine": {"cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
+                    "torch": torch.__version__,
+                    "device": torch.cuda.get_device_name() if torch.cuda.is_available()
+                    else platform.processor() or "cpu"},
+    }
+    out = ROOT / "results" / f"{args.name}.json"
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record["metrics"], indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""Command line: argument parsing only; every command calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from anomap import __version__
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
+    FileNotFoundError, ValueError, RuntimeError, PermissionError)
+
+
+def _add_data_args(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--data", required=required, type=Path,
+                        help="an MVTec AD category folder, or a folder of defect-free images")
+    parser.add_argument("--defect-dir", type=Path,
+                        help="plain-folder layout: folder of defective test images")
+    parser.add_argument("--mask-dir", type=Path,
+                        help="plain-folder layout: masks named <stem>.png or <stem>_mask.png")
+    parser.add_argument("--test-normal-dir", type=Path,
+                        help="plain-folder layout: folder of defect-free test images")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from anomap.methods import METHODS
+
+    parser = argparse.ArgumentParser(
+        prog="anomap", description="Unsupervised visual anomaly detection and localization.")
+    parser.add_argument("--version", action="version", version=f"anomap {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model on defect-free images")
+    train.add_argument("--model", default="stpm", choices=sorted(METHODS), help="method")
+    _add_data_args(train, required=False)
+    train.add_argument("--out", required=True, type=Path, help="run folder to write")
+    train.add_argument("--epochs", type=int, help="default: the method's recipe")
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--image-size", type=int, help="network input side (default 256)")
+    train.add_argument("--lr", type=float)
+    train.add_argument("--backbone", help="e.g. efficientnet_lite0 (offline default), resnet18")
+    train.add_argument("--weights", help="teacher weights: 'imagenet' (default) or a .pth file")
+    train.add_argument("--resize-mode", default="letterbox", choices=["letterbox", "stretch"],
+                       help="letterbox keeps the aspect ratio (default); stretch squashes")
+    train.add_argument("--val-fraction", type=float, default=0.2,
+                       help="share of normal images held out for selection and threshold")
+    train.add_argument("--threshold-quantile", type=float, default=0.99,
+                       help="threshold = this quantile of held-out normal scores")
+    train.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    train.add_argument("--test", action="store_true", help="run 'anomap test' afterwards")
+    train.add_argument("--no-progress", action="store_true")
+
+    test = commands.add_parser("test", help="evaluate a run on a test set, write the report")
+    test.add_argument("--run", required=True, type=Path)
+    _add_data_args(test, required=False)
+    test.add_argument("--out", type=Path, help="where to write results (default: the run)")
+    test.add_argument("--device", default="auto")
+    test.add_argument("--batch-size", type=int, default=32)
+    test.add_argument("--no-panels", action="store_true", help="skip heat-map PNGs")
+    test.add_argument("--no-progress", action="store_true")
+
+    predict = commands.add_parser("predict", help="score new images")
+    predict.add_argument("--run", required=True, type=Path)
+    predict.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
+    predict.add_argument("--out", type=Path, help="folder for overlay and mask PNGs")
+    predict.add_argument("--format", default="jsonl", choices=["jsonl", "csv"])
+    predict.add_argument("--output", type=Path, help="write the table here instead of stdout")
+    predict.add_argument("--device", default="auto")
+    predict.add_argument("--batch-size", type=int, default=8)
+
+    demo = commands.add_parser("demo", help="make built-in data, train, test, report")
+    demo.add_argument("--out", type=Path, default=Path("demo_run"))
+    demo.add_argument("--texture", default="brick", choices=["brick", "grass", "gravel"])
+    demo.add_argument("--model", default="stpm", choices=sorted(METHODS))
+    demo.add_argument("--epochs", type=int, default=15)
+    demo.add_argument("--image-size", type=int, default=128)
+    demo.add_argument("--device", default="auto")
+    demo.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _print_metrics(result: dict[str, Any]) -> None:
+    keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "threshold", "n_images",
+            "n_skipped", "images_per_second")
+    print("  ".join(f"{k}={result[k]:.4f}" if isinstance(result[k], float) else f"{k}={result[k]}"
+                    for k in keys if k in result))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from anomap.evaluate import evaluate_run
+    from anomap.train import fit
+
+    if args.data is None and not args.resume:
+        raise ValueError("--data is required (unless --resume)")
+    recipe = {"epochs": args.epochs, "batch_size": args.batch_size,
+              "image_size": args.image_size, "lr": args.lr}
+    try:
+        result = fit(args.model, args.data, args.out,
+                     model_config={"backbone": args.backbone, "weights": args.weights},
+                     recipe_overrides=recipe, resize_mode=args.resize_mode,
+                     defect_dir=args.defect_dir, mask_dir=args.mask_dir,
+                     test_normal_dir=args.test_normal_dir, val_fraction=args.val_fraction,
+                     seed=args.seed, device=args.device, resume=args.resume,
+                     threshold_quantile=args.threshold_quantile, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished epochs are saved. Continue with\n"
+              f"  anomap train --out {args.out} --resume", file=sys.stderr)
+        return 130
+    print(f"trained: {args.out}  best epoch {result['best_epoch']}  "
+          f"threshold {result['threshold']:.6g}  skipped files {result['n_skipped']}")
+    if args.test:
+        _print_metrics(evaluate_run(args.out, device=args.device,
+                                    progress=not args.no_progress))
+        print(f"report: {args.out / 'report.html'}")
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from anomap.evaluate import evaluate_run
+
+    result = evaluate_run(args.run, args.data, out_dir=args.out, defect_dir=args.defect_dir,
+                          mask_dir=args.mask_dir, test_normal_dir=args.test_normal_dir,
+                          device=args.device, batch_size=args.batch_size,
+                          panels=not args.no_panels, progress=not args.no_progress)
+    _print_metrics(result)
+    out = args.out or args.run
+    print(f"metrics: {out / 'metrics.json'}  report: {out / 'report.html'}")
+    return 0
+
+
+def _expand_inputs(inputs: Sequence[Path]) -> list[Path]:
+    from anomap.data import IMAGE_EXTENSIONS
+
+    paths: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            paths += sorted(p for p in item.rglob("*")
+                            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        else:
+            paths.append(item)
+    return paths
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from anomap import report
+    from anomap.data import ImageReadError, load_image
+    from anomap.evaluate import write_predictions_csv
+    from anomap.run import Detector
+
+    detector = Detector.load(args.run, args.device)
+    vmin, vmax = detector.display_range
+    rows: list[dict[str, Any]] = []
+    failures = 0
+    paths = _expand_inputs(args.inputs)
+    if not paths:
+        raise FileNotFoundError(f"no images found in {', '.join(map(str, args.inputs))}")
+    started = time.perf_counter()
+    for start in range(0, len(paths), args.batch_size):
+        photos, kept = [], []
+        for path in paths[start:start + args.batch_size]:
+            try:
+                photos.append(load_image(path))
+                kept.append(path)
+            except ImageReadError as error:
+                failures += 1
+                print(f"anomap: skipped {error}", file=sys.stderr)
+                rows.append({"path": str(path), "score": None, "verdict": "error",
+                             "error": str(error)})
+        for path, photo, pred in zip(kept, photos, detector.predict(photos), strict=True):
+            row: dict[str, Any] = {"path": str(path), "score": pred.score,
+                                   "verdict": pred.verdict, "threshold": pred.threshold}
+            if args.out:
+                picture = report.overlay(np.asarray(photo), pred.anomaly_map, vmin, vmax,
+                                         pred_mask=pred.mask)
+                overlay_path = args.out / f"{path.stem}_overlay.png"
+                row["overlay"] = str(report.save_png(picture, overlay_path))
+                row["mask"] = str(report.save_png(pred.mask.astype(np.uint8) * 255,
+                                                  args.out / f"{path.stem}_mask.png"))
+            rows.append(row)
+    if args.format == "csv":
+        text = write_predictions_csv(rows, columns=("path", "score", "verdict", "threshold",
+                                                    "overlay", "mask", "error"))
+    else:
+        text = "".join(json.dumps(row) + "\n" for row in rows)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
+    else:
+        sys.stdout.write(text)
+    seconds = time.perf_counter() - started
+    n_fail = sum(row["verdict"] == "fail" for row in rows)
+    print(f"anomap: {len(rows) - failures} images scored ({n_fail} fail), {failures} unreadable, "
+          f"{seconds:.1f} s", file=sys.stderr)
+    return 1 if failures and failures == len(rows) else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from anomap.demo import make_demo_dataset
+    from anomap.evaluate import evaluate_run
+    from anomap.train import fit
+
+    data = make_demo_dataset(args.out / "data", args.texture)
+    run = args.out / "run"
+    print(f"demo data: {data}  (train/good, test/<defect>, ground_truth/)")
+    fit(args.model, data, run, recipe_overrides={"epochs": args.epochs, "batch_size": 16,
+                                                 "image_size": args.image_size},
+        resize_mode="stretch", device=args.device, resume=(run / "last.pt").exists(),
+        progress=not args.no_progress)
+    result = evaluate_run(run, device=args.device, progress=not args.no_progress)
+    _print_metrics(result)
+    print(f"report: {run / 'report.html'}  heat maps: {run / 'panels'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="anomap: %(levelname)s: %(message)s")
+    handler = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict,
+               "demo": cmd_demo}[args.command]
+    try:
+        return handler(args)
+    except EXPECTED_ERRORS as error:
+        if args.verbose:
+            raise
+        print(f"anomap: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

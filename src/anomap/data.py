@@ -1,0 +1,374 @@
+"""Images in, tensors out: reading any image file, finding datasets on disk, and
+the geometry that maps between a photo and the square the network sees.
+
+Two layouts are understood:
+
+* MVTec AD: ``ROOT/train/good``, ``ROOT/test/<type>`` (``good`` = normal) and
+  ``ROOT/ground_truth/<type>/<stem>_mask.png``.
+* Plain folders: a folder of normal images, optionally a folder of defective
+  images and a folder of their masks (``<stem>.png`` or ``<stem>_mask.png``).
+
+A file that cannot be read never stops the work: it is reported by path and
+skipped, and the count of skipped files travels with the loaded set.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+RESIZE_MODES = ("letterbox", "stretch")
+
+MVTEC_LAYOUT_HELP = """\
+Expected either an MVTec AD category:
+    DIR/train/good/*.png|jpg            defect-free training images
+    DIR/test/good/*                     defect-free test images
+    DIR/test/<defect_type>/*            defective test images
+    DIR/ground_truth/<defect_type>/<stem>_mask.png   masks (optional)
+or a plain folder of defect-free images (DIR/*.png|jpg), with defective images
+and masks given by --defect-dir and --mask-dir."""
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used as given; the message says what to change."""
+
+
+class ImageReadError(DataError):
+    """One image file that cannot be decoded."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image on disk and what we know about it."""
+
+    path: Path
+    label: int = 0  # 0 = normal, 1 = defective
+    defect_type: str = "good"
+    mask_path: Path | None = None
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode (L, LA, P, RGBA, CMYK, 16-bit I;16/I, float F) -> 8-bit RGB."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        array = np.clip(array / top * 255.0, 0, 255).astype(np.uint8)
+        image = Image.fromarray(array, mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode an image file fully into 8-bit RGB, or raise ImageReadError naming it."""
+    path = Path(path)
+    try:
+        with Image.open(path) as handle:
+            handle.load()
+            image = ImageOps.exif_transpose(handle) or handle
+            return _to_rgb(image)
+    except FileNotFoundError as error:
+        raise ImageReadError(f"{path}: file not found") from error
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise ImageReadError(f"{path}: cannot decode image ({error})") from error
+
+
+def load_mask(path: str | Path) -> np.ndarray:
+    """A ground-truth mask as a bool array (any non-zero pixel is defective)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as handle:
+            handle.load()
+            array = np.asarray(handle)
+    except FileNotFoundError as error:
+        raise ImageReadError(f"{path}: mask file not found") from error
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise ImageReadError(f"{path}: cannot decode mask ({error})") from error
+    if array.ndim == 3:
+        array = array[..., :3].max(axis=2)
+    return array > 0
+
+
+def to_pil(image: Image.Image | np.ndarray | str | Path) -> Image.Image:
+    """Accept what a library user has at hand: a path, a PIL image or an array."""
+    if isinstance(image, str | Path):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        return _to_rgb(image)
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        scale = 255.0 if array.max() <= 1.0 else 1.0
+        array = np.clip(array * scale, 0, 255).astype(np.uint8)
+    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[2] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # CHW -> HWC
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    return _to_rgb(Image.fromarray(array))
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+@dataclass(frozen=True)
+class Box:
+    """Where the photo's content lies inside the network's square input."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How a photo of any size becomes a ``size`` x ``size`` network input.
+
+    ``stretch`` squashes the photo to the square (the papers' choice);
+    ``letterbox`` keeps the aspect ratio and pads the rest with the edge pixels,
+    so elongated parts (MTD tiles go from 1:2.8 to 2.7:1) keep their shape.
+    Maps come back through :meth:`restore`, so metrics, scores and overlays
+    always refer to the photo itself, never to the padding.
+    """
+
+    size: int = 256
+    mode: str = "letterbox"
+
+    def __post_init__(self) -> None:
+        if self.mode not in RESIZE_MODES:
+            raise ValueError(f"resize mode {self.mode!r}: choose one of {RESIZE_MODES}")
+        if self.size < 32:
+            raise ValueError(f"image size {self.size} is too small (minimum 32)")
+
+    def box_for(self, width: int, height: int) -> Box:
+        if self.mode == "stretch":
+            return Box(0, 0, self.size, self.size)
+        scale = self.size / max(width, height)
+        new_w = max(1, min(self.size, round(width * scale)))
+        new_h = max(1, min(self.size, round(height * scale)))
+        return Box((self.size - new_h) // 2, (self.size - new_w) // 2, new_h, new_w)
+
+    def apply(self, image: Image.Image) -> tuple[np.ndarray, Box]:
+        """PIL RGB -> (size, size, 3) uint8 array and its content box."""
+        box = self.box_for(*image.size)
+        resized = np.asarray(image.resize((box.width, box.height), Image.BILINEAR))
+        if self.mode == "stretch":
+            return resized, box
+        pad = (
+            (box.top, self.size - box.top - box.height),
+            (box.left, self.size - box.left - box.width),
+            (0, 0),
+        )
+        return np.pad(resized, pad, mode="edge"), box
+
+    def apply_mask(self, mask: np.ndarray) -> np.ndarray:
+        """Ground truth in the evaluation frame: the photo stretched to size x size."""
+        image = Image.fromarray(mask.astype(np.uint8) * 255)
+        return np.asarray(image.resize((self.size, self.size), Image.NEAREST)) > 127
+
+    def restore(self, maps: torch.Tensor, boxes: Sequence[Box], out_size: tuple[int, int] | None
+                = None) -> torch.Tensor:
+        """Network-frame maps (B, S, S) -> the photo's frame.
+
+        Crops each map to its content box and resizes it to ``out_size``
+        (default: S x S, the evaluation frame the ground truth is resized to).
+        """
+        height, width = out_size or (self.size, self.size)
+        if self.mode == "stretch" and (height, width) == tuple(maps.shape[-2:]):
+            return maps
+        restored = [
+            F.interpolate(
+                amap[None, None, b.top:b.top + b.height, b.left:b.left + b.width],
+                size=(height, width), mode="bilinear", align_corners=False,
+            )[0, 0]
+            for amap, b in zip(maps, boxes, strict=True)
+        ]
+        return torch.stack(restored)
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in ``folder``, sorted, hidden files ignored."""
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    )
+
+
+def is_mvtec_layout(root: Path) -> bool:
+    return (root / "train" / "good").is_dir()
+
+
+def _find_mask(mask_dir: Path | None, stem: str) -> Path | None:
+    if mask_dir is None:
+        return None
+    for name in (f"{stem}_mask", stem):
+        for ext in (".png", ".bmp", ".tif", ".tiff", ".jpg"):
+            candidate = mask_dir / f"{name}{ext}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+@dataclass
+class DatasetSpec:
+    """Where the training and test images of one product are."""
+
+    root: Path
+    train: list[Sample]
+    test: list[Sample]
+    layout: str  # "mvtec" or "folder"
+    warnings: list[str] = field(default_factory=list)
+
+
+def discover(data: str | Path, defect_dir: str | Path | None = None,
+             mask_dir: str | Path | None = None, test_normal_dir: str | Path | None = None
+             ) -> DatasetSpec:
+    """Find the images of a dataset, whichever of the two layouts it uses."""
+    root = Path(data)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder.\n{MVTEC_LAYOUT_HELP}")
+    if is_mvtec_layout(root) and defect_dir is None:
+        return _discover_mvtec(root)
+    return _discover_folder(root, defect_dir, mask_dir, test_normal_dir)
+
+
+def _discover_mvtec(root: Path) -> DatasetSpec:
+    train = [Sample(p) for p in list_images(root / "train" / "good")]
+    if not train:
+        raise DataError(f"{root / 'train' / 'good'}: no images found.\n{MVTEC_LAYOUT_HELP}")
+    test: list[Sample] = []
+    warnings: list[str] = []
+    test_root = root / "test"
+    if test_root.is_dir():
+        for type_dir in sorted(p for p in test_root.iterdir() if p.is_dir()):
+            defect_type = type_dir.name
+            label = 0 if defect_type == "good" else 1
+            gt_dir = root / "ground_truth" / defect_type
+            for path in list_images(type_dir):
+                mask = _find_mask(gt_dir if gt_dir.is_dir() else None, path.stem)
+                if label and mask is None and gt_dir.is_dir():
+                    warnings.append(f"{path}: no mask in {gt_dir}")
+                test.append(Sample(path, label, defect_type, mask))
+    return DatasetSpec(root, train, test, "mvtec", warnings)
+
+
+def _discover_folder(root: Path, defect_dir: str | Path | None, mask_dir: str | Path | None,
+                     test_normal_dir: str | Path | None) -> DatasetSpec:
+    train = [Sample(p) for p in list_images(root)]
+    if not train:
+        raise DataError(f"{root}: no images found directly in this folder.\n{MVTEC_LAYOUT_HELP}")
+    test: list[Sample] = []
+    warnings: list[str] = []
+    if test_normal_dir is not None:
+        test += [Sample(p) for p in list_images(Path(test_normal_dir))]
+    if defect_dir is not None:
+        defect_root = Path(defect_dir)
+        if not defect_root.is_dir():
+            raise DataError(f"{defect_root}: defect folder does not exist")
+        masks = Path(mask_dir) if mask_dir is not None else None
+        if masks is not None and not masks.is_dir():
+            raise DataError(f"{masks}: mask folder does not exist")
+        for path in list_images(defect_root):
+            mask = _find_mask(masks, path.stem)
+            if masks is not None and mask is None:
+                warnings.append(f"{path}: no mask named {path.stem}.png or {path.stem}_mask.png")
+            test.append(Sample(path, 1, "defect", mask))
+    return DatasetSpec(root, train, test, "folder", warnings)
+
+
+def split_holdout(samples: Sequence[Sample], fraction: float = 0.2, seed: int = 0
+                  ) -> tuple[list[Sample], list[Sample]]:
+    """Seeded split of the normal training images into (train, validation).
+
+    Validation images select the checkpoint and calibrate the threshold, so no
+    decision ever looks at test data.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
+    order = list(samples)
+    random.Random(seed).shuffle(order)
+    n_val = int(round(len(order) * fraction))
+    if fraction > 0 and len(order) >= 2:
+        n_val = max(1, min(n_val, len(order) - 1))
+    return order[n_val:], order[:n_val]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedSet:
+    """A set of samples decoded once into memory, in the network frame.
+
+    Holding uint8 tensors (196 KB per 256x256 image) lets every epoch skip
+    decoding, which on a 2-core machine would otherwise compete with training.
+    """
+
+    samples: list[Sample]
+    images: torch.Tensor  # (N, 3, S, S) uint8, network frame
+    boxes: list[Box]
+    masks: torch.Tensor | None  # (N, S, S) bool, evaluation frame
+    skipped: list[str]  # "path: reason" for files that could not be read
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([s.label for s in self.samples], dtype=np.int64)
+
+
+def load_set(samples: Iterable[Sample], geometry: Geometry, *, with_masks: bool = False,
+             desc: str = "loading", progress: bool = True) -> LoadedSet:
+    """Decode and resize ``samples``; unreadable files are skipped and reported."""
+    samples = list(samples)
+    kept: list[Sample] = []
+    arrays: list[np.ndarray] = []
+    boxes: list[Box] = []
+    masks: list[np.ndarray] = []
+    skipped: list[str] = []
+    blank = np.zeros((geometry.size, geometry.size), dtype=bool)
+    for sample in tqdm(samples, desc=desc, disable=not progress, leave=False, unit="img"):
+        try:
+            array, box = geometry.apply(load_image(sample.path))
+            mask = blank
+            if with_masks and sample.mask_path is not None:
+                mask = geometry.apply_mask(load_mask(sample.mask_path))
+        except ImageReadError as error:
+            log.warning("skipping %s", error)
+            skipped.append(str(error))
+            continue
+        kept.append(sample)
+        arrays.append(array)
+        boxes.append(box)
+        masks.append(mask)
+    if not kept:
+        shown = "\n  ".join(skipped[:5])
+        raise DataError(f"none of the {len(samples)} images could be read:\n  {shown}")
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    mask_tensor = torch.from_numpy(np.stack(masks)) if with_masks else None
+    return LoadedSet(kept, images, boxes, mask_tensor, skipped)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B,3,S,S) -> float in [0, 1], the input every method receives."""
+    return images.float().div_(255.0)

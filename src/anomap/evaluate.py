@@ -1,0 +1,158 @@
+"""Run a trained model over a dataset: maps and scores, then metrics, the
+per-image table, heat-map panels and the HTML report."""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from anomap import metrics, report
+from anomap.data import Box, Geometry, LoadedSet, discover, load_set, to_float
+from anomap.methods import AnomalyModel
+from anomap.run import Detector, resize_map, save_json
+
+
+@torch.no_grad()
+def infer(model: AnomalyModel, geometry: Geometry, loaded: LoadedSet, *, batch_size: int = 32,
+          device: torch.device | str = "cpu", progress: bool = True, desc: str = "scoring"
+          ) -> tuple[torch.Tensor, np.ndarray]:
+    """Maps (N, S, S) in the evaluation frame, on the CPU, and image scores (N,)."""
+    model.eval()
+    n, size = len(loaded), geometry.size
+    maps = torch.empty(n, size, size, dtype=torch.float32)
+    scores = np.empty(n, dtype=np.float64)
+    with tqdm(total=n, desc=desc, disable=not progress, leave=False, unit="img") as bar:
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            images = to_float(loaded.images[start:stop]).to(device)
+            frame = geometry.restore(model.anomaly_map(images).float(), loaded.boxes[start:stop])
+            scores[start:stop] = model.image_score(frame).cpu().double().numpy()
+            maps[start:stop] = frame.cpu()
+            bar.update(stop - start)
+    return maps, scores
+
+
+def _crop(images: torch.Tensor, index: int, box: Box) -> np.ndarray:
+    """The photo as the network saw it, without letterbox padding: (h, w, 3) uint8."""
+    image = images[index, :, box.top:box.top + box.height, box.left:box.left + box.width]
+    return image.permute(1, 2, 0).numpy()
+
+
+def _resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    resized = torch.nn.functional.interpolate(mask[None, None].float(), size=size, mode="nearest")
+    return resized[0, 0].numpy() > 0.5
+
+
+def evaluate_run(run_dir: str | Path, data: str | Path | None = None, *,
+                 out_dir: str | Path | None = None, defect_dir: str | Path | None = None,
+                 mask_dir: str | Path | None = None, test_normal_dir: str | Path | None = None,
+                 device: str = "auto", batch_size: int = 32, panels: bool = True,
+                 progress: bool = True) -> dict[str, Any]:
+    """``anomap test``: score the test split, write metrics.json, predictions.csv,
+    panels/ and report.html into ``out_dir`` (default: the run folder)."""
+    run_dir = Path(run_dir)
+    detector = Detector.load(run_dir, device)
+    config = detector.config
+    data_cfg = config.get("data", {})
+    spec = discover(data or data_cfg["root"],
+                    defect_dir=defect_dir or (None if data else data_cfg.get("defect_dir")),
+                    mask_dir=mask_dir or (None if data else data_cfg.get("mask_dir")),
+                    test_normal_dir=test_normal_dir
+                    or (None if data else data_cfg.get("test_normal_dir")))
+    if not spec.test:
+        raise ValueError(f"{spec.root}: no test images found (MVTec layout: test/<type>/; "
+                         "plain folders: --defect-dir and --test-normal-dir)")
+    out = Path(out_dir) if out_dir else run_dir
+    started = time.perf_counter()
+    loaded = load_set(spec.test, detector.geometry, with_masks=True, desc="reading test images",
+                      progress=progress)
+    model_started = time.perf_counter()
+    maps, scores = infer(detector.model, detector.geometry, loaded, batch_size=batch_size,
+                         device=detector.device, progress=progress)
+    model_seconds = time.perf_counter() - model_started
+    seconds = time.perf_counter() - started
+
+    labels = loaded.labels
+    has_mask = np.array([s.label == 0 or s.mask_path is not None for s in loaded.samples])
+    pixel_masks = pixel_maps = None
+    if loaded.masks is not None and has_mask.any() and labels[has_mask].any():
+        pixel_masks = loaded.masks[torch.from_numpy(has_mask)].numpy()
+        pixel_maps = maps[torch.from_numpy(has_mask)].numpy()
+    result: dict[str, Any] = metrics.evaluate_all(labels, scores, pixel_masks, pixel_maps)
+    result["per_defect_type"] = per_defect_type_auroc(loaded.samples, scores)
+    result.setdefault("pixel_auroc", float("nan"))
+    result.setdefault("aupro", float("nan"))
+    threshold = detector.threshold
+    result.update(
+        threshold=threshold, n_images=len(loaded), n_defective=int(labels.sum()),
+        n_skipped=len(loaded.skipped), skipped=loaded.skipped, seconds=round(seconds, 3),
+        images_per_second=round(len(loaded) / seconds, 3),
+        model_images_per_second=round(len(loaded) / model_seconds, 3),
+        method=config.get("method"), backbone=config.get("model", {}).get("backbone"),
+        data=str(spec.root), **report.confusion_at(labels, scores, threshold))
+
+    rows = []
+    vmin, vmax = detector.display_range
+    for i, sample in enumerate(tqdm(loaded.samples, desc="writing panels", disable=not progress
+                                    or not panels, leave=False)):
+        verdict = "fail" if scores[i] >= threshold else "pass"
+        row = {"path": str(sample.path), "label": int(sample.label),
+               "defect_type": sample.defect_type, "score": float(scores[i]), "verdict": verdict,
+               "panel_png": None}
+        if panels:
+            box = loaded.boxes[i]
+            size = (box.height, box.width)
+            gt = _resize_mask(loaded.masks[i], size) if sample.mask_path else None
+            amap = resize_map(maps[i], size)
+            caption = f"{sample.defect_type}  score {scores[i]:.4g}  {verdict}"
+            picture = report.panel(_crop(loaded.images, i, box), amap, vmin, vmax, gt_mask=gt,
+                                   pred_mask=amap >= threshold, caption=caption)
+            path = out / "panels" / sample.defect_type / f"{sample.path.stem}.png"
+            row["panel_png"] = str(report.save_png(picture, path))
+        rows.append(row)
+
+    write_predictions_csv(rows, out / "predictions.csv")
+    save_json(result, out / "metrics.json")
+    title = f"anomap {config.get('method', '')} on {spec.root.name}"
+    report.write_html_report(out / "report.html", title=title, metrics=_headline(result),
+                             rows=rows, threshold=threshold)
+    return result
+
+
+def per_defect_type_auroc(samples: list, scores: np.ndarray) -> dict[str, float]:
+    """Image AUROC of each defect type against the normal test images: shows
+    which kinds of defect a model misses."""
+    types = np.array([s.defect_type for s in samples])
+    labels = np.array([s.label for s in samples])
+    normal = labels == 0
+    return {t: metrics.image_auroc(np.r_[np.zeros(normal.sum()), np.ones((types == t).sum())],
+                                   np.r_[scores[normal], scores[types == t]])
+            for t in sorted(set(types[labels == 1]))}
+
+
+def _headline(result: dict[str, Any]) -> dict[str, Any]:
+    keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "f1_threshold", "threshold",
+            "n_images", "n_defective", "n_skipped", "seconds", "images_per_second")
+    return {k: result[k] for k in keys if k in result}
+
+
+def write_predictions_csv(rows: list[dict[str, Any]], path: Path | None = None,
+                          columns: tuple[str, ...] = ("path", "label", "defect_type", "score",
+                                                      "verdict")) -> str:
+    """The per-image table; returned as text and written to ``path`` when given."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    text = buffer.getvalue()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return text

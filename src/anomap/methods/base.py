@@ -1,0 +1,83 @@
+"""What every method is to the rest of anomap: a network with a training loss,
+an anomaly map, an image score, and a recipe that says how to train it.
+
+The training loop, evaluation, reports and export only ever talk to this
+contract, so a new method is one new file in this folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Recipe:
+    """How a method is trained by default; every field can be overridden."""
+
+    epochs: int = 100
+    batch_size: int = 32
+    image_size: int = 256
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.4
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_milestones: tuple[float, ...] = ()  # fractions of the epochs at which lr *= lr_gamma
+    lr_gamma: float = 0.1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def updated(self, **overrides: Any) -> Recipe:
+        """A copy with the non-None overrides applied (unknown names are an error)."""
+        known = {f.name for f in fields(self)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"unknown recipe fields {sorted(unknown)}; known: {sorted(known)}")
+        values = asdict(self)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        values["lr_milestones"] = tuple(values["lr_milestones"])
+        return Recipe(**values)
+
+
+class AnomalyModel(nn.Module):
+    """Base class of the methods.
+
+    Inputs are always float images in [0, 1], shape (B, 3, S, S); a method
+    applies whatever normalisation its networks expect.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, **config: Any) -> None:
+        super().__init__()
+        self.config: dict[str, Any] = dict(config)
+
+    @classmethod
+    def default_recipe(cls) -> Recipe:
+        return Recipe()
+
+    @classmethod
+    def default_config(cls) -> dict[str, Any]:
+        """Constructor arguments the method uses when the user gives none."""
+        return {}
+
+    def training_loss(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Losses for one batch of normal images; key ``loss`` is minimised."""
+        raise NotImplementedError
+
+    def anomaly_map(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, S, S) map, higher = more anomalous."""
+        raise NotImplementedError
+
+    def image_score(self, maps: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) maps in the photo's frame -> (B,) image scores."""
+        return maps.flatten(1).amax(dim=1)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = self.anomaly_map(images)
+        return maps, self.image_score(maps)

@@ -1,0 +1,84 @@
+"""STPM: Student-Teacher Feature Pyramid Matching (Wang et al., BMVC 2021).
+
+A frozen ImageNet teacher and a randomly initialised student of the same
+architecture see the same normal images; the student learns to reproduce the
+teacher's L2-normalised features at three pyramid levels. On a defect the
+student, never having seen one, disagrees with the teacher: the disagreement
+is the anomaly map.
+
+Recipe (paper): levels at strides 4, 8, 16; loss = sum over levels of
+1/2 * mean over positions of ||t/|t| - s/|s|||^2; SGD lr 0.4, momentum 0.9,
+weight decay 1e-4, batch 32, 100 epochs; map = product over levels of the
+per-position 1/2 * squared distance (we use the squared distance, as the
+loss does), bilinearly upsampled; image score = max of the map.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from anomap.backbones import create_backbone
+from anomap.methods.base import AnomalyModel, Recipe
+
+
+def normalized_distance(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """Per-position 1/2 * ||t/|t| - s/|s|||^2 -> (B, h, w), in [0, 2]."""
+    diff = F.normalize(teacher, dim=1) - F.normalize(student, dim=1)
+    return 0.5 * diff.pow(2).sum(dim=1)
+
+
+class STPM(AnomalyModel):
+    """Teacher + student feature pyramids; the map is where they disagree."""
+
+    name = "stpm"
+
+    def __init__(self, backbone: str = "efficientnet_lite0", weights: str | None = "imagenet",
+                 strides: tuple[int, ...] | list[int] = (4, 8, 16), **config: Any) -> None:
+        strides = tuple(strides)
+        super().__init__(backbone=backbone, weights=weights, strides=list(strides), **config)
+        self.teacher = create_backbone(backbone, out_strides=strides, weights=weights)
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        self.student = create_backbone(backbone, out_strides=strides, weights=None)
+
+    @classmethod
+    def default_recipe(cls) -> Recipe:
+        return Recipe(epochs=100, batch_size=32, image_size=256, optimizer="sgd", lr=0.4,
+                      momentum=0.9, weight_decay=1e-4)
+
+    @classmethod
+    def default_config(cls) -> dict[str, Any]:
+        return {"backbone": "efficientnet_lite0", "weights": "imagenet", "strides": [4, 8, 16]}
+
+    def train(self, mode: bool = True) -> STPM:
+        """The teacher stays in eval mode: its BatchNorm statistics are ImageNet's."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def _features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        x = self.teacher.normalize(images)
+        with torch.no_grad():
+            teacher = self.teacher(x)
+        return teacher, self.student(x)
+
+    def training_loss(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        teacher, student = self._features(images)
+        per_level = [normalized_distance(t, s).mean() for t, s in zip(teacher, student,
+                                                                      strict=True)]
+        losses = {f"level{i}": level.detach() for i, level in enumerate(per_level)}
+        losses["loss"] = torch.stack(per_level).sum()
+        return losses
+
+    def anomaly_map(self, images: torch.Tensor) -> torch.Tensor:
+        teacher, student = self._features(images)
+        size = images.shape[-2:]
+        amap = torch.ones(images.shape[0], *size, device=images.device)
+        for t, s in zip(teacher, student, strict=True):
+            level = normalized_distance(t, s)[:, None]
+            level = F.interpolate(level, size=size, mode="bilinear", align_corners=False)
+            amap = amap * level[:, 0]
+        return amap

@@ -1,0 +1,212 @@
+"""A trained run on disk, and the library API to use it.
+
+A run folder holds everything needed to use a model offline, with no access to
+the data or the teacher's original weights:
+
+    config.json       method, model config, recipe, geometry, seed, data, command
+    model.pt          the selected weights (teacher included)
+    calibration.json  threshold and heat-map display range from held-out normals
+    last.pt           full training state, for --resume
+    history.csv       one row per epoch
+
+    >>> from anomap import Detector
+    >>> detector = Detector.load("runs/tiles")
+    >>> result = detector.predict("photo.png")[0]
+    >>> result.score, result.verdict, result.anomaly_map.shape
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from anomap.data import Geometry, load_image, to_pil
+from anomap.export import optimize_for_inference
+from anomap.methods import AnomalyModel, build_model
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.pt"
+STATE_FILE = "last.pt"
+CALIBRATION_FILE = "calibration.json"
+HISTORY_FILE = "history.csv"
+
+ImageLike = Image.Image | np.ndarray | str | Path
+
+
+class RunError(RuntimeError):
+    """A run folder that is missing or incomplete."""
+
+
+def _atomic_write(path: Path, write: Any) -> Path:
+    """Write through a temporary file in the same folder, then rename: a crash
+    mid-write never leaves a truncated checkpoint behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_torch(obj: Any, path: Path) -> Path:
+    return _atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def save_json(obj: Any, path: Path) -> Path:
+    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
+    return _atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | set):
+        return list(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def load_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise RunError(f"{path}: missing; is this a folder written by 'anomap train'?") from None
+    except json.JSONDecodeError as error:
+        raise RunError(f"{path}: not valid JSON ({error})") from None
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' takes the GPU when there is one; asking for a missing one is an error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but PyTorch sees no CUDA GPU here; "
+                           "use --device cpu or auto")
+    return device
+
+
+def geometry_from_config(config: dict[str, Any]) -> Geometry:
+    geometry = config["geometry"]
+    return Geometry(size=int(geometry["size"]), mode=geometry["mode"])
+
+
+def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
+               weights_file: str = WEIGHTS_FILE) -> tuple[AnomalyModel, dict[str, Any]]:
+    """Rebuild the model from config.json and load its weights (no download:
+    the teacher's weights are inside the checkpoint)."""
+    run_dir = Path(run_dir)
+    config = load_json(run_dir / CONFIG_FILE)
+    model = build_model(config["method"], **{**config["model"], "weights": None})
+    path = run_dir / weights_file
+    if not path.is_file():
+        raise RunError(f"{path}: no weights yet; training has not finished an epoch")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state.get("model", state))
+    return model.to(resolve_device(device)).eval(), config
+
+
+def resize_map(amap: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """One (S, S) map in the evaluation frame -> (H, W) float32 array at the photo's size."""
+    resized = torch.nn.functional.interpolate(amap[None, None].float(), size=size,
+                                              mode="bilinear", align_corners=False)
+    return resized[0, 0].cpu().numpy()
+
+
+@dataclass
+class Prediction:
+    """What anomap says about one image."""
+
+    score: float
+    verdict: str  # "pass" or "fail"
+    anomaly_map: np.ndarray  # (H, W) float32, in the photo's own size
+    mask: np.ndarray  # (H, W) bool, anomaly_map >= threshold
+    threshold: float
+    path: str | None = None
+
+    @property
+    def is_anomalous(self) -> bool:
+        return self.verdict == "fail"
+
+
+class Detector:
+    """A trained model with its geometry and calibrated threshold: call it on images.
+
+    The model is copied with BatchNorm folded into the convolutions (see
+    :mod:`anomap.export`), which makes CPU inference about 1.3-1.8x faster.
+    """
+
+    def __init__(self, model: AnomalyModel, geometry: Geometry, threshold: float,
+                 display_range: tuple[float, float], config: dict[str, Any] | None = None
+                 ) -> None:
+        self.model = optimize_for_inference(model)
+        self.geometry = geometry
+        self.threshold = float(threshold)
+        self.display_range = (float(display_range[0]), float(display_range[1]))
+        self.config = config or {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @classmethod
+    def load(cls, run_dir: str | Path, device: str | torch.device = "auto") -> Detector:
+        run_dir = Path(run_dir)
+        model, config = load_model(run_dir, device)
+        calibration = load_json(run_dir / CALIBRATION_FILE)
+        return cls(model, geometry_from_config(config), calibration["threshold"],
+                   tuple(calibration["display_range"]), config)
+
+    @torch.no_grad()
+    def maps_and_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A float batch (B, 3, S, S) in [0, 1], already in the network frame
+        -> (maps (B, S, S), scores (B,)) on the CPU."""
+        maps = self.model.anomaly_map(images.to(self.device))
+        return maps.float().cpu(), self.model.image_score(maps).float().cpu()
+
+    @torch.no_grad()
+    def predict(self, images: ImageLike | Sequence[ImageLike] | torch.Tensor,
+                batch_size: int = 8) -> list[Prediction]:
+        """Score images of any size and mode; maps come back at each photo's size."""
+        if isinstance(images, torch.Tensor):
+            batch = images if images.dim() == 4 else images[None]
+            items: list[ImageLike] = [img.permute(1, 2, 0).cpu().numpy() for img in batch]
+        elif isinstance(images, str | Path | Image.Image | np.ndarray):
+            items = [images]
+        else:
+            items = list(images)
+        results: list[Prediction] = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            photos = [load_image(x) if isinstance(x, str | Path) else to_pil(x) for x in chunk]
+            prepared = [self.geometry.apply(photo) for photo in photos]
+            tensor = torch.from_numpy(np.stack([a for a, _ in prepared])).permute(0, 3, 1, 2)
+            maps = self.model.anomaly_map(tensor.float().div(255.0).to(self.device)).float()
+            frame_maps = self.geometry.restore(maps, [box for _, box in prepared])
+            scores = self.model.image_score(frame_maps).cpu().tolist()
+            for photo, amap, score, item in zip(photos, frame_maps, scores, chunk, strict=True):
+                array = resize_map(amap, (photo.height, photo.width))
+                results.append(Prediction(
+                    score=score, verdict="fail" if score >= self.threshold else "pass",
+                    anomaly_map=array, mask=array >= self.threshold, threshold=self.threshold,
+                    path=str(item) if isinstance(item, str | Path) else None))
+        return results
+
+    __call__ = predict

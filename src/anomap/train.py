@@ -1,0 +1,245 @@
+"""One training loop for every method.
+
+The loop knows nothing of the method it trains: it asks the model for
+``training_loss(images)`` on normal images, steps the optimiser the recipe
+names, scores the held-out normal images after every epoch, keeps the
+checkpoint whose held-out scores are lowest (no test image is ever looked at),
+writes the full state atomically every epoch so an interrupted run resumes
+where it stopped, and finally calibrates the pass/fail threshold on the
+held-out normals.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import random
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from anomap import __version__
+from anomap.data import Geometry, LoadedSet, discover, load_set, split_holdout, to_float
+from anomap.evaluate import infer
+from anomap.methods import AnomalyModel, Recipe, build_model, get_method
+from anomap.metrics import calibrate_threshold
+from anomap.run import (
+    CALIBRATION_FILE,
+    CONFIG_FILE,
+    HISTORY_FILE,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    load_json,
+    resolve_device,
+    save_json,
+    save_torch,
+)
+
+log = logging.getLogger(__name__)
+
+
+class RunExistsError(RuntimeError):
+    """Refuse to overwrite a run: work is never lost by a repeated command."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(recipe: Recipe, params: list[torch.nn.Parameter]
+                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    name = recipe.optimizer.lower()
+    if name == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(
+            params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    elif name == "adam":
+        optimizer = torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    elif name == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {recipe.optimizer!r}: sgd, adam or adamw")
+    milestones = sorted({max(1, int(round(f * recipe.epochs))) for f in recipe.lr_milestones})
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, recipe.lr_gamma)
+    return optimizer, scheduler
+
+
+def _display_range(maps: torch.Tensor, threshold: float) -> tuple[float, float]:
+    """Heat-map colour range: normal texture sits at the low end, the threshold
+    at the middle, so a defect above it glows and normal images stay cool."""
+    sample = maps.flatten()[:: max(1, maps.numel() // 2_000_000)]
+    low = float(sample.median())
+    return low, low + 2.0 * max(threshold - low, 1e-12)
+
+
+def fit(method: str, data: str | Path, run_dir: str | Path, *,
+        model_config: dict[str, Any] | None = None, recipe_overrides: dict[str, Any] | None = None,
+        resize_mode: str = "letterbox", defect_dir: str | Path | None = None,
+        mask_dir: str | Path | None = None, test_normal_dir: str | Path | None = None,
+        val_fraction: float = 0.2, seed: int = 0, device: str = "auto", resume: bool = False,
+        threshold_quantile: float = 0.99, progress: bool = True) -> dict[str, Any]:
+    """``anomap train``: everything from a data folder to a usable run folder."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / CONFIG_FILE
+    if resume:
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path}: nothing to resume in {run_dir}")
+        config = load_json(config_path)
+        if recipe_overrides and recipe_overrides.get("epochs"):
+            config["recipe"]["epochs"] = int(recipe_overrides["epochs"])
+    else:
+        if (run_dir / STATE_FILE).exists() or config_path.exists():
+            raise RunExistsError(
+                f"{run_dir} already holds a run. Continue it with --resume, "
+                "or choose another --out folder.")
+        method_cls = get_method(method)
+        recipe = method_cls.default_recipe().updated(**(recipe_overrides or {}))
+        config = {
+            "anomap_version": __version__,
+            "method": method_cls.name,
+            "model": {**method_cls.default_config(),
+                      **{k: v for k, v in (model_config or {}).items() if v is not None}},
+            "recipe": asdict(recipe),
+            "geometry": {"size": recipe.image_size, "mode": resize_mode},
+            "data": {"root": str(Path(data).resolve()),
+                     "defect_dir": str(defect_dir) if defect_dir else None,
+                     "mask_dir": str(mask_dir) if mask_dir else None,
+                     "test_normal_dir": str(test_normal_dir) if test_normal_dir else None,
+                     "val_fraction": val_fraction},
+            "seed": seed,
+            "threshold_quantile": threshold_quantile,
+            "command": " ".join(sys.argv),
+        }
+    recipe_dict = dict(config["recipe"])
+    recipe_dict["lr_milestones"] = tuple(recipe_dict["lr_milestones"])
+    recipe = Recipe(**recipe_dict)
+    geometry = Geometry(**config["geometry"])
+    seed = int(config["seed"])
+    seed_everything(seed)
+    torch_device = resolve_device(device)
+
+    # Build first: a wrong backbone name or unavailable weights fail before any data is read.
+    model = build_model(config["method"], **config["model"]).to(torch_device)
+    spec = discover(config["data"]["root"])
+    for warning in spec.warnings:
+        log.warning(warning)
+    train_samples, val_samples = split_holdout(spec.train, config["data"]["val_fraction"], seed)
+    train_set = load_set(train_samples, geometry, desc="reading training images",
+                         progress=progress)
+    val_set = (load_set(val_samples, geometry, desc="reading validation images",
+                        progress=progress) if val_samples else None)
+    skipped = train_set.skipped + (val_set.skipped if val_set else [])
+    for line in skipped:
+        log.warning("skipped unreadable file %s", line)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_json(config, config_path)
+    history = train_loop(model, recipe, train_set, val_set, geometry, run_dir,
+                         device=torch_device, seed=seed, resume=resume, progress=progress)
+
+    # Calibrate on held-out normals with the selected weights.
+    best = torch.load(run_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(best["model"])
+    calibration_set = val_set if val_set is not None else train_set
+    maps, scores = infer(model, geometry, calibration_set, device=torch_device,
+                         batch_size=recipe.batch_size, progress=progress, desc="calibrating")
+    threshold = calibrate_threshold(scores, quantile=config["threshold_quantile"])
+    calibration = {
+        "threshold": threshold,
+        "quantile": config["threshold_quantile"],
+        "source": "validation" if val_set is not None else "training (no validation split)",
+        "n_images": len(calibration_set),
+        "score_mean": float(scores.mean()), "score_max": float(scores.max()),
+        "display_range": _display_range(maps, threshold),
+        "best_epoch": best["epoch"],
+        "n_skipped": len(skipped), "skipped": skipped,
+    }
+    save_json(calibration, run_dir / CALIBRATION_FILE)
+    return {"run_dir": str(run_dir), "history": history, **calibration}
+
+
+def _validation_score(model: AnomalyModel, geometry: Geometry, val_set: LoadedSet | None,
+                      device: torch.device, batch_size: int) -> float:
+    if val_set is None:
+        return float("nan")
+    _, scores = infer(model, geometry, val_set, batch_size=batch_size, device=device,
+                      progress=False)
+    model.train()
+    return float(scores.mean())
+
+
+def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
+               val_set: LoadedSet | None, geometry: Geometry, run_dir: Path, *,
+               device: torch.device, seed: int = 0, resume: bool = False,
+               progress: bool = True) -> list[dict[str, float]]:
+    """Train for ``recipe.epochs``; returns the per-epoch history."""
+    optimizer, scheduler = build_optimizer(recipe, model.trainable_parameters())
+    start_epoch, best_val, history = 0, float("inf"), []
+    state_path = run_dir / STATE_FILE
+    if resume and state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        start_epoch, best_val, history = state["epoch"], state["best_val"], state["history"]
+        log.info("resuming %s after epoch %d", run_dir, start_epoch)
+    model.to(device).train()
+    n = len(train_set)
+    batch_size = min(recipe.batch_size, n)
+    steps = (n + batch_size - 1) // batch_size
+    epochs = tqdm(range(start_epoch, recipe.epochs), desc="epochs", initial=start_epoch,
+                  total=recipe.epochs, disable=not progress, unit="epoch")
+    for epoch in epochs:
+        started = time.perf_counter()
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        total, seen = 0.0, 0
+        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False,
+                   disable=not progress, unit="batch")
+        for step in bar:
+            index = order[step * batch_size:(step + 1) * batch_size]
+            if len(index) < 2 and steps > 1:  # a batch of 1 breaks BatchNorm statistics
+                continue
+            images = to_float(train_set.images[index]).to(device, non_blocking=True)
+            losses = model.training_loss(images)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            optimizer.step()
+            total += float(losses["loss"].detach()) * len(index)
+            seen += len(index)
+            bar.set_postfix(loss=f"{total / seen:.4f}",
+                            img_s=f"{seen / (time.perf_counter() - started):.1f}")
+        scheduler.step()
+        train_seconds = time.perf_counter() - started
+        val_score = _validation_score(model, geometry, val_set, device, recipe.batch_size)
+        improved = not (val_score >= best_val)  # NaN (no validation) -> keep the latest
+        if improved:
+            best_val = val_score if val_score == val_score else best_val
+            save_torch({"model": model.state_dict(), "epoch": epoch + 1, "val_score": val_score},
+                       run_dir / WEIGHTS_FILE)
+        history.append({"epoch": epoch + 1, "loss": total / max(seen, 1),
+                        "val_mean_score": val_score, "lr": optimizer.param_groups[0]["lr"],
+                        "seconds": round(time.perf_counter() - started, 3),
+                        "train_images_per_second": round(seen / train_seconds, 3),
+                        "best": improved})
+        save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                    "epoch": epoch + 1, "best_val": best_val, "history": history}, state_path)
+        _write_history(history, run_dir / HISTORY_FILE)
+        epochs.set_postfix(loss=f"{history[-1]['loss']:.4f}", val=f"{val_score:.4g}",
+                           best=f"{best_val:.4g}")
+    return history
+
+
+def _write_history(history: list[dict[str, Any]], path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)

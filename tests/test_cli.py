@@ -1,0 +1,79 @@
+"""The command line as a user drives it: train on plain folders, test, predict."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from anomap.cli import main
+
+
+def test_predict_scores_files_and_folders_and_reports_corrupt_ones(
+        trained_run: Path, toy_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    inputs = tmp_path / "inbox"
+    inputs.mkdir()
+    shutil.copy(toy_data / "test" / "hole" / "000.png", inputs / "hole.png")
+    shutil.copy(toy_data / "test" / "good" / "000.png", inputs / "good.png")
+    (inputs / "corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    extra = toy_data / "test" / "stain" / "001.png"
+    out = tmp_path / "out"
+    code = main(["predict", "--run", str(trained_run), str(inputs), str(extra), "--out", str(out),
+                 "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 0
+    rows = {Path(r["path"]).name: r for r in map(json.loads, captured.out.splitlines())}
+    assert set(rows) == {"hole.png", "good.png", "corrupt.jpg", "001.png"}
+    assert rows["corrupt.jpg"]["verdict"] == "error" and "corrupt.jpg" in captured.err
+    assert "1 unreadable" in captured.err
+    assert rows["hole.png"]["verdict"] == "fail"
+    assert rows["hole.png"]["score"] > rows["good.png"]["score"]
+    overlay = Image.open(rows["hole.png"]["overlay"])
+    assert overlay.size == (128, 128) and overlay.mode == "RGB"
+    assert Image.open(rows["hole.png"]["mask"]).getextrema()[1] == 255  # defect pixels marked
+
+
+def test_predict_csv_to_file(trained_run: Path, toy_data: Path, tmp_path: Path) -> None:
+    table = tmp_path / "scores.csv"
+    code = main(["predict", "--run", str(trained_run), str(toy_data / "test" / "scratch"),
+                 "--format", "csv", "--output", str(table), "--device", "cpu"])
+    assert code == 0
+    rows = list(csv.DictReader(table.open()))
+    assert len(rows) == 5 and {r["verdict"] for r in rows} <= {"pass", "fail"}
+
+
+def test_train_and_test_on_plain_folders(toy_data: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    code = main(["train", "--data", str(toy_data / "train" / "good"),
+                 "--defect-dir", str(toy_data / "test" / "hole"),
+                 "--mask-dir", str(toy_data / "ground_truth" / "hole"),
+                 "--test-normal-dir", str(toy_data / "test" / "good"),
+                 "--out", str(run), "--epochs", "1", "--batch-size", "8", "--image-size", "64",
+                 "--device", "cpu", "--no-progress", "--test"])
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["n_images"] == 15 and metrics["n_defective"] == 5
+    config = json.loads((run / "config.json").read_text())
+    assert config["recipe"]["epochs"] == 1 and config["geometry"]["size"] == 64
+    # the same command again refuses to overwrite the finished run
+    code = main(["train", "--data", str(toy_data / "train" / "good"), "--out", str(run),
+                 "--no-progress"])
+    assert code == 2 and "--resume" in capsys.readouterr().err
+
+
+def test_clear_errors(tmp_path: Path, toy_data: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "no images found" in err and "train/good" in err
+    assert main(["test", "--run", str(tmp_path / "nothing")]) == 2
+    assert "config.json" in capsys.readouterr().err
+    assert main(["train", "--data", str(toy_data), "--out", str(tmp_path / "r"),
+                 "--backbone", "resnet999"]) == 2
+    err = capsys.readouterr().err
+    assert "resnet999" in err and "efficientnet_lite0" in err

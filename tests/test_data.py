@@ -1,0 +1,141 @@
+"""Reading images of any kind, dataset layouts, splits and the letterbox geometry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from anomap.data import (
+    DataError,
+    Geometry,
+    ImageReadError,
+    Sample,
+    discover,
+    load_image,
+    load_mask,
+    load_set,
+    split_holdout,
+    to_pil,
+)
+
+MTD = Path(__file__).resolve().parents[2] / "shared" / "data" / "mtd"
+
+
+def _write(path: Path, image: Image.Image) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+@pytest.fixture()
+def mixed_images(tmp_path: Path) -> dict[str, Path]:
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 255, (30, 50), dtype=np.uint8)
+    indexed = Image.frombytes("P", (50, 30), gray.tobytes())
+    indexed.putpalette([v for i in range(256) for v in (i, i, i)])
+    return {
+        "gray_png": _write(tmp_path / "g.png", Image.fromarray(gray)),
+        "rgb_jpg": _write(tmp_path / "c.jpg", Image.fromarray(np.dstack([gray] * 3))),
+        "rgba_png": _write(tmp_path / "a.png", Image.fromarray(
+            np.dstack([gray] * 3 + [np.full_like(gray, 255)]))),
+        "gray16_png": _write(tmp_path / "w.png",
+                             Image.fromarray(gray.astype(np.uint16) * 257)),
+        "palette_png": _write(tmp_path / "p.png", indexed),
+    }
+
+
+def test_every_mode_loads_as_8bit_rgb(mixed_images: dict[str, Path]) -> None:
+    reference = np.asarray(load_image(mixed_images["gray_png"]))
+    for name, path in mixed_images.items():
+        image = load_image(path)
+        assert image.mode == "RGB" and image.size == (50, 30), name
+        if name in ("gray16_png", "rgba_png", "palette_png"):
+            # 16-bit is scaled 65535 -> 255, so it matches the 8-bit original
+            np.testing.assert_allclose(np.asarray(image), reference, atol=1, err_msg=name)
+
+
+def test_corrupt_file_is_named_and_skipped(tmp_path: Path) -> None:
+    good = _write(tmp_path / "ok.png", Image.new("L", (40, 40), 128))
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(ImageReadError, match="broken.png"):
+        load_image(bad)
+    loaded = load_set([Sample(good), Sample(bad)], Geometry(64, "stretch"), progress=False)
+    assert len(loaded) == 1 and len(loaded.skipped) == 1 and "broken.png" in loaded.skipped[0]
+    with pytest.raises(DataError, match="none of the 1 images"):
+        load_set([Sample(bad)], Geometry(64), progress=False)
+
+
+def test_letterbox_keeps_aspect_and_restore_undoes_it() -> None:
+    geometry = Geometry(64, "letterbox")
+    photo = Image.fromarray(np.full((200, 100, 3), 200, np.uint8))  # tall: 100 wide, 200 high
+    array, box = geometry.apply(photo)
+    assert array.shape == (64, 64, 3)
+    assert (box.height, box.width, box.top, box.left) == (64, 32, 0, 16)
+    amap = torch.zeros(1, 64, 64)
+    amap[0, :, 16:48] = 1.0  # only the content region is hot
+    restored = geometry.restore(amap, [box])
+    assert restored.shape == (1, 64, 64)
+    assert torch.allclose(restored, torch.ones_like(restored))  # padding cropped away
+    big = geometry.restore(amap, [box], out_size=(200, 100))
+    assert big.shape == (1, 200, 100)
+
+
+def test_masks_are_resized_nearest(tmp_path: Path) -> None:
+    mask = np.zeros((90, 30), np.uint8)
+    mask[10:40, 5:20] = 255
+    path = _write(tmp_path / "m.png", Image.fromarray(mask))
+    resized = Geometry(64, "letterbox").apply_mask(load_mask(path))
+    assert resized.dtype == bool and resized.shape == (64, 64)
+    assert 0 < resized.mean() < 0.5
+
+
+def test_mvtec_layout_is_discovered(toy_data: Path) -> None:
+    spec = discover(toy_data)
+    assert spec.layout == "mvtec" and len(spec.train) == 40
+    defective = [s for s in spec.test if s.label == 1]
+    assert len(defective) == 15 and all(s.mask_path is not None for s in defective)
+    assert {s.defect_type for s in spec.test} == {"good", "hole", "scratch", "stain"}
+
+
+def test_plain_folder_layout(toy_data: Path) -> None:
+    spec = discover(toy_data / "train" / "good", defect_dir=toy_data / "test" / "hole",
+                    mask_dir=toy_data / "ground_truth" / "hole")
+    assert spec.layout == "folder" and len(spec.train) == 40
+    assert len(spec.test) == 5 and all(s.mask_path for s in spec.test)
+
+
+def test_empty_folder_shows_expected_layout(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="train/good"):
+        discover(tmp_path)
+    with pytest.raises(DataError, match="no such folder"):
+        discover(tmp_path / "missing")
+
+
+def test_holdout_split_is_seeded_and_disjoint() -> None:
+    samples = [Sample(Path(f"{i}.png")) for i in range(50)]
+    train, val = split_holdout(samples, 0.2, seed=7)
+    assert len(val) == 10 and len(train) == 40
+    assert not {s.path for s in train} & {s.path for s in val}
+    assert split_holdout(samples, 0.2, seed=7) == (train, val)
+    assert split_holdout(samples, 0.2, seed=8) != (train, val)
+
+
+def test_to_pil_accepts_float_and_chw_arrays() -> None:
+    chw = np.random.default_rng(0).random((3, 20, 30)).astype(np.float32)
+    image = to_pil(chw)
+    assert image.size == (30, 20) and image.mode == "RGB"
+
+
+@pytest.mark.skipif(not MTD.is_dir(), reason="shared MTD data not present")
+def test_reads_real_mtd_images() -> None:
+    spec = discover(MTD)
+    assert len(spec.train) == 762 and sum(s.label for s in spec.test) == 392
+    loaded = load_set(spec.test[:4] + spec.test[-4:], Geometry(256), with_masks=True,
+                      progress=False)
+    assert loaded.images.shape == (8, 3, 256, 256) and loaded.masks is not None
+    assert loaded.masks[-4:].any()

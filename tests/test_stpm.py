@@ -1,0 +1,124 @@
+"""STPM end to end on a toy defect set, plus its loss/map arithmetic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from anomap import Detector
+from anomap.data import discover
+from anomap.evaluate import evaluate_run
+from anomap.methods import build_model
+from anomap.methods.stpm import normalized_distance
+from anomap.train import RunExistsError, fit
+
+
+def test_normalized_distance_hand_values() -> None:
+    t = torch.tensor([[1.0, 0.0], [0.0, 2.0]]).T.reshape(1, 2, 1, 2)  # two positions
+    s = torch.tensor([[3.0, 0.0], [0.0, -1.0]]).T.reshape(1, 2, 1, 2)
+    # position 0: same direction -> 0; position 1: opposite directions -> 0.5 * |2|^2 = 2
+    assert torch.allclose(normalized_distance(t, s), torch.tensor([[[0.0, 2.0]]]))
+
+
+def test_map_is_product_of_levels_and_score_is_max() -> None:
+    model = build_model("stpm", weights="random").eval()
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        teacher, student = model._features(images)
+        expected = torch.ones(2, 64, 64)
+        for t, s in zip(teacher, student, strict=True):
+            level = normalized_distance(t, s)[:, None]
+            expected *= torch.nn.functional.interpolate(level, size=(64, 64), mode="bilinear",
+                                                        align_corners=False)[:, 0]
+        maps, scores = model(images)
+    assert torch.allclose(maps, expected)
+    assert torch.allclose(scores, maps.flatten(1).amax(1))
+
+
+def test_trained_stpm_finds_the_toy_defects(trained_run: Path) -> None:
+    result = evaluate_run(trained_run, device="cpu", progress=False)
+    assert result["image_auroc"] > 0.9, result
+    assert result["pixel_auroc"] > 0.9, result
+    assert result["aupro"] > 0.6, result
+    for name in ("metrics.json", "predictions.csv", "report.html"):
+        assert (trained_run / name).is_file()
+    saved = json.loads((trained_run / "metrics.json").read_text())
+    for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "threshold", "n_images",
+                "seconds", "images_per_second"):
+        assert key in saved
+    assert saved["n_images"] == 25
+    assert len(list((trained_run / "panels").rglob("*.png"))) == 25
+
+
+def test_heat_map_peaks_inside_the_defect(trained_run: Path, toy_data: Path) -> None:
+    detector = Detector.load(trained_run, "cpu")
+    image = toy_data / "test" / "hole" / "000.png"
+    mask = np.asarray(Image.open(toy_data / "ground_truth" / "hole" / "000_mask.png")) > 0
+    prediction = detector.predict(image)[0]
+    assert prediction.anomaly_map.shape == mask.shape
+    peak = np.unravel_index(prediction.anomaly_map.argmax(), mask.shape)
+    grown = torch.nn.functional.max_pool2d(torch.tensor(mask[None, None]).float(), 9, 1, 4)
+    assert grown[0, 0][peak] > 0, "the hottest pixel must lie on (or next to) the hole"
+    assert prediction.verdict == "fail"
+    assert prediction.mask[mask].mean() > 0.3
+
+
+def test_detector_accepts_paths_pil_arrays_and_tensors(trained_run: Path, toy_data: Path
+                                                       ) -> None:
+    detector = Detector.load(trained_run, "cpu")
+    path = toy_data / "test" / "scratch" / "001.png"
+    pil = Image.open(path)
+    array = np.array(pil.convert("RGB"))
+    tensor = torch.from_numpy(array).permute(2, 0, 1).float() / 255
+    by_path, by_pil, by_array, by_tensor = (detector.predict(x)[0]
+                                            for x in (path, pil, array, tensor))
+    for other in (by_pil, by_array, by_tensor):
+        assert other.score == pytest.approx(by_path.score, rel=1e-4)
+    batch = detector.predict([path, path], batch_size=2)
+    single = detector.predict([path], batch_size=1)
+    np.testing.assert_allclose(batch[0].anomaly_map, single[0].anomaly_map, rtol=1e-4,
+                               atol=1e-6)
+
+
+def test_existing_run_is_never_overwritten(trained_run: Path, toy_data: Path) -> None:
+    before = (trained_run / "model.pt").read_bytes()
+    with pytest.raises(RunExistsError, match="--resume"):
+        fit("stpm", toy_data, trained_run, progress=False)
+    assert (trained_run / "model.pt").read_bytes() == before
+
+
+def _tiny_fit(data: Path, run: Path, epochs: int, resume: bool = False) -> dict:
+    return fit("stpm", data, run, recipe_overrides={"epochs": epochs, "batch_size": 4,
+                                                    "image_size": 64},
+               resize_mode="letterbox", device="cpu", seed=3, resume=resume, progress=False)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "last.pt", weights_only=False)["model"]
+
+
+def test_seeded_training_is_deterministic_and_resume_matches(toy_data: Path,
+                                                             tmp_path: Path) -> None:
+    _tiny_fit(toy_data, tmp_path / "a", epochs=3)
+    _tiny_fit(toy_data, tmp_path / "b", epochs=2)
+    resumed = _tiny_fit(toy_data, tmp_path / "b", epochs=3, resume=True)
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert len(resumed["history"]) == 3
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    history_a = json.loads((tmp_path / "a" / "calibration.json").read_text())["threshold"]
+    history_b = json.loads((tmp_path / "b" / "calibration.json").read_text())["threshold"]
+    assert history_a == pytest.approx(history_b)
+
+
+def test_holdout_is_used_for_calibration_not_test(trained_run: Path, toy_data: Path) -> None:
+    calibration = json.loads((trained_run / "calibration.json").read_text())
+    assert calibration["source"] == "validation"
+    assert calibration["n_images"] == 8  # 20% of the 40 training images
+    spec = discover(toy_data)
+    assert len(spec.train) == 40
