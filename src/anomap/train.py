@@ -124,6 +124,8 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
     seed = int(config["seed"])
     seed_everything(seed)
     torch_device = resolve_device(device)
+    if torch_device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick kernels
 
     # Build first: a wrong backbone name or unavailable weights fail before any data is read.
     model = build_model(config["method"], **config["model"]).to(torch_device)
@@ -175,6 +177,26 @@ def _validation_score(model: AnomalyModel, geometry: Geometry, val_set: LoadedSe
     return float(scores.mean())
 
 
+class _TrainingStep(torch.nn.Module):
+    """``training_loss`` as a forward pass, so DataParallel can split a batch
+    over every visible GPU without the method knowing."""
+
+    def __init__(self, model: AnomalyModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model.training_loss(images)
+
+
+def _training_step(model: AnomalyModel, device: torch.device) -> torch.nn.Module:
+    step: torch.nn.Module = _TrainingStep(model)
+    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
+        log.info("training on %d GPUs (DataParallel)", torch.cuda.device_count())
+        step = torch.nn.DataParallel(step)
+    return step
+
+
 def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
                val_set: LoadedSet | None, geometry: Geometry, run_dir: Path, *,
                device: torch.device, seed: int = 0, resume: bool = False,
@@ -192,6 +214,7 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
         start_epoch, best_val, history = state["epoch"], state["best_val"], state["history"]
         log.info("resuming %s after epoch %d", run_dir, start_epoch)
     model.to(device).train()
+    step_fn = _training_step(model, device)
     n = len(train_set)
     batch_size = min(recipe.batch_size, n)
     steps = (n + batch_size - 1) // batch_size
@@ -208,7 +231,7 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
             if len(index) < 2 and steps > 1:  # a batch of 1 breaks BatchNorm statistics
                 continue
             images = to_float(train_set.images[index]).to(device, non_blocking=True)
-            losses = model.training_loss(images)
+            losses = {k: v.mean() for k, v in step_fn(images).items()}  # mean over GPUs
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             optimizer.step()

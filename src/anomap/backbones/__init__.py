@@ -61,6 +61,18 @@ class Backbone(nn.Module):
     def _nhwc(x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last)
 
+    def _init_weights(self) -> None:
+        """He init for convs, unit BatchNorm: torchvision's and TF EfficientNet's choice,
+        which matters for students trained from scratch."""
+        if self._on_meta_device():
+            return
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
     def _on_meta_device(self) -> bool:
         """True when built on the meta device (structure only): random init is then skipped,
         since normal_ on meta tensors pulls in torch's decomposition machinery (~1.5 s)."""

@@ -201,17 +201,6 @@ class EfficientNetLiteBackbone(Backbone):
         self._init_weights()
         self._use_channels_last()
 
-    def _init_weights(self) -> None:
-        """He init for convs (what TF EfficientNet uses), unit BatchNorm."""
-        if self._on_meta_device():
-            return
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self._act(self._bn0(self._conv_stem(self._nhwc(x))))
         found: dict[int, torch.Tensor] = {}

@@ -148,17 +148,6 @@ class ResNetBackbone(Backbone):
         self._init_weights()
         self._use_channels_last()
 
-    def _init_weights(self) -> None:
-        """torchvision's init (matters for students trained from scratch)."""
-        if self._on_meta_device():
-            return
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(self._nhwc(x)))))
         found: dict[int, torch.Tensor] = {}
