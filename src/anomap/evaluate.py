@@ -15,8 +15,9 @@ from tqdm.auto import tqdm
 
 from anomap import metrics, report
 from anomap.data import Box, Geometry, LoadedSet, discover, load_set, to_float
+from anomap.files import save_json
 from anomap.methods import AnomalyModel
-from anomap.run import Detector, resize_map, save_json
+from anomap.run import Detector, resize_map
 
 
 @torch.no_grad()

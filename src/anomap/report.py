@@ -13,8 +13,6 @@ import html
 import io
 import math
 import numbers
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
+
+from anomap.files import atomic_write, save_text
 
 __all__ = [
     "colorize",
@@ -43,24 +43,6 @@ _SEPARATOR = 4
 _SEPARATOR_COLOR = (255, 255, 255)
 
 _LUT_CACHE: dict[str, np.ndarray] = {}
-
-
-def _umask_mode() -> int:
-    """File mode a plain open() would give; mkstemp's 0600 would hide reports from other users.
-
-    Reads the umask from /proc where possible: os.umask() briefly changes process state,
-    which races with other threads creating files.
-    """
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 # --------------------------------------------------------------------------- images
@@ -262,16 +244,7 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
     elif arr.dtype != np.uint8:
         arr = np.clip(np.rint(arr.astype(np.float64)), 0, 255).astype(np.uint8)
     img = Image.fromarray(np.ascontiguousarray(arr))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            img.save(fh, format="PNG")
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda handle: img.save(handle, format="PNG"))
     return path
 
 
@@ -521,20 +494,6 @@ def _nan_last_sort(rows: list[dict], descending: bool) -> list[dict]:
     return sorted(rows, key=key, reverse=descending)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_html_report(
     path: str | Path,
     *,
@@ -713,5 +672,5 @@ def write_html_report(
         "Overlay contours: green = ground truth, white = prediction.</p>"
     )
     parts.append("</body></html>")
-    _atomic_write_text(path, "\n".join(parts))
+    save_text("\n".join(parts), path)
     return path

@@ -18,8 +18,6 @@ the data or the teacher's original weights:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,43 +42,6 @@ ImageLike = Image.Image | np.ndarray | str | Path
 
 class RunError(RuntimeError):
     """A run folder that is missing or incomplete."""
-
-
-def _atomic_write(path: Path, write: Any) -> Path:
-    """Write through a temporary file in the same folder, then rename: a crash
-    mid-write never leaves a truncated checkpoint behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def save_torch(obj: Any, path: Path) -> Path:
-    return _atomic_write(path, lambda handle: torch.save(obj, handle))
-
-
-def save_json(obj: Any, path: Path) -> Path:
-    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
-    return _atomic_write(path, lambda handle: handle.write(text.encode()))
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, tuple | set):
-        return list(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def load_json(path: Path) -> dict[str, Any]:

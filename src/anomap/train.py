@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from anomap import __version__
 from anomap.data import Geometry, LoadedSet, discover, load_set, split_holdout, to_float
 from anomap.evaluate import infer
+from anomap.files import save_json, save_torch
 from anomap.methods import AnomalyModel, Recipe, build_model, get_method
 from anomap.metrics import calibrate_threshold
 from anomap.run import (
@@ -37,8 +38,6 @@ from anomap.run import (
     WEIGHTS_FILE,
     load_json,
     resolve_device,
-    save_json,
-    save_torch,
 )
 
 log = logging.getLogger(__name__)
