@@ -77,3 +77,20 @@ def test_clear_errors(tmp_path: Path, toy_data: Path, capsys: pytest.CaptureFixt
                  "--backbone", "resnet999"]) == 2
     err = capsys.readouterr().err
     assert "resnet999" in err and "efficientnet_lite0" in err
+
+
+def test_samples_grid_and_method_options(toy_data: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture) -> None:
+    grid = tmp_path / "grid.png"
+    assert main(["samples", "--data", str(toy_data), "--out", str(grid), "--image-size", "64",
+                 "-n", "3"]) == 0
+    width, height = Image.open(grid).size
+    assert width > 3 * 64 and height >= 3 * 64  # 3 rows of image | anomaly | mask
+    assert main(["samples", "--model", "stpm", "--data", str(toy_data),
+                 "--out", str(tmp_path / "x.png")]) == 2
+    assert "normal images" in capsys.readouterr().err
+    # an option the method does not have is refused, naming the method's options
+    assert main(["train", "--model", "stpm", "--data", str(toy_data), "--out",
+                 str(tmp_path / "r"), "--anomaly-source", "builtin"]) == 2
+    err = capsys.readouterr().err
+    assert "stpm has no option anomaly_source" in err and "backbone" in err

@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float)
     train.add_argument("--backbone", help="e.g. efficientnet_lite0 (offline default), resnet18")
     train.add_argument("--weights", help="teacher weights: 'imagenet' (default) or a .pth file")
+    train.add_argument("--preset", default="auto",
+                       help="recipe: paper (faithful), cpu (methods too heavy for a CPU), "
+                            "auto = paper on a GPU, cpu on a CPU")
+    train.add_argument("--anomaly-source",
+                       help="DRAEM: folder of texture images (e.g. DTD), or builtin, "
+                            "procedural, skimage (default: builtin, offline)")
     train.add_argument("--resize-mode", default="letterbox", choices=["letterbox", "stretch"],
                        help="letterbox keeps the aspect ratio (default); stretch squashes")
     train.add_argument("--val-fraction", type=float, default=0.2,
@@ -79,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="auto")
     predict.add_argument("--batch-size", type=int, default=8)
 
+    samples = commands.add_parser(
+        "samples", help="write a PNG grid of the synthetic training samples a method sees")
+    samples.add_argument("--model", default="draem", choices=sorted(METHODS))
+    samples.add_argument("--data", required=True, type=Path)
+    samples.add_argument("--out", required=True, type=Path, help="PNG file to write")
+    samples.add_argument("--anomaly-source")
+    samples.add_argument("--image-size", type=int, default=256)
+    samples.add_argument("-n", type=int, default=8, help="number of rows")
+    samples.add_argument("--seed", type=int, default=0)
+
     demo = commands.add_parser("demo", help="make built-in data, train, test, report")
     demo.add_argument("--out", type=Path, default=Path("demo_run"))
     demo.add_argument("--texture", default="brick", choices=["brick", "grass", "gravel"])
@@ -107,12 +123,14 @@ def cmd_train(args: argparse.Namespace) -> int:
               "image_size": args.image_size, "lr": args.lr}
     try:
         result = fit(args.model, args.data, args.out,
-                     model_config={"backbone": args.backbone, "weights": args.weights},
+                     model_config={"backbone": args.backbone, "weights": args.weights,
+                                   "anomaly_source": args.anomaly_source},
                      recipe_overrides=recipe, resize_mode=args.resize_mode,
                      defect_dir=args.defect_dir, mask_dir=args.mask_dir,
                      test_normal_dir=args.test_normal_dir, val_fraction=args.val_fraction,
                      seed=args.seed, device=args.device, resume=args.resume,
-                     threshold_quantile=args.threshold_quantile, progress=not args.no_progress)
+                     threshold_quantile=args.threshold_quantile, preset=args.preset,
+                     progress=not args.no_progress)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished epochs are saved. Continue with\n"
               f"  anomap train --out {args.out} --resume", file=sys.stderr)
@@ -205,6 +223,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failures and failures == len(rows) else 0
 
 
+def cmd_samples(args: argparse.Namespace) -> int:
+    import torch
+
+    from anomap.data import Geometry, discover, load_set, to_float
+    from anomap.methods import build_model
+    from anomap.train import seed_everything
+
+    seed_everything(args.seed)
+    spec = discover(args.data)
+    images = load_set(spec.train[: args.n], Geometry(args.image_size, "letterbox"),
+                      progress=False).images
+    config = {"anomaly_source": args.anomaly_source} if args.anomaly_source else {}
+    model = build_model(args.model, weights=None, **config)
+    with torch.no_grad():
+        path = model.write_training_samples(to_float(images), args.out, n=args.n)
+    print(f"wrote {path}: rows of normal image | synthetic anomaly | mask")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from anomap.demo import make_demo_dataset
     from anomap.evaluate import evaluate_run
@@ -228,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="anomap: %(levelname)s: %(message)s")
     handler = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict,
-               "demo": cmd_demo}[args.command]
+               "samples": cmd_samples, "demo": cmd_demo}[args.command]
     try:
         return handler(args)
     except EXPECTED_ERRORS as error:

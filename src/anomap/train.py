@@ -83,9 +83,16 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
         resize_mode: str = "letterbox", defect_dir: str | Path | None = None,
         mask_dir: str | Path | None = None, test_normal_dir: str | Path | None = None,
         val_fraction: float = 0.2, seed: int = 0, device: str = "auto", resume: bool = False,
-        threshold_quantile: float = 0.99, progress: bool = True) -> dict[str, Any]:
-    """``anomap train``: everything from a data folder to a usable run folder."""
+        threshold_quantile: float = 0.99, preset: str = "auto", progress: bool = True
+        ) -> dict[str, Any]:
+    """``anomap train``: everything from a data folder to a usable run folder.
+
+    ``preset`` picks the method's recipe (``paper``, or ``cpu`` for methods
+    too heavy for a CPU; ``auto`` chooses by device); ``recipe_overrides`` and
+    ``model_config`` then change single fields.
+    """
     run_dir = Path(run_dir)
+    torch_device = resolve_device(device)
     config_path = run_dir / CONFIG_FILE
     if resume:
         if not config_path.is_file():
@@ -99,12 +106,20 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
                 f"{run_dir} already holds a run. Continue it with --resume, "
                 "or choose another --out folder.")
         method_cls = get_method(method)
-        recipe = method_cls.default_recipe().updated(**(recipe_overrides or {}))
+        given = {k: v for k, v in (model_config or {}).items() if v is not None}
+        unknown = sorted(set(given) - set(method_cls.default_config()))
+        if unknown:
+            raise ValueError(f"{method_cls.name} has no option {', '.join(unknown)}; its "
+                             f"options: {', '.join(method_cls.default_config())}")
+        preset = method_cls.resolve_preset(preset, torch_device.type)
+        preset_recipe, preset_config = method_cls.presets()[preset]
+        recipe = preset_recipe.updated(**(recipe_overrides or {}))
         config = {
             "anomap_version": __version__,
             "method": method_cls.name,
-            "model": {**method_cls.default_config(),
-                      **{k: v for k, v in (model_config or {}).items() if v is not None}},
+            "preset": preset,
+            "model": {**method_cls.default_config(), **preset_config,
+                      **given},
             "recipe": asdict(recipe),
             "geometry": {"size": recipe.image_size, "mode": resize_mode},
             "data": {"root": str(Path(data).resolve()),
@@ -122,7 +137,6 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
     geometry = Geometry(**config["geometry"])
     seed = int(config["seed"])
     seed_everything(seed)
-    torch_device = resolve_device(device)
     if torch_device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick kernels
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from anomap.methods.base import AnomalyModel, Recipe
+from anomap.methods.draem import DRAEM
 from anomap.methods.stpm import STPM
 
-METHODS: dict[str, type[AnomalyModel]] = {cls.name: cls for cls in (STPM,)}
+METHODS: dict[str, type[AnomalyModel]] = {cls.name: cls for cls in (STPM, DRAEM)}
 
 
 def get_method(name: str) -> type[AnomalyModel]:

@@ -63,6 +63,29 @@ class AnomalyModel(nn.Module):
         """Constructor arguments the method uses when the user gives none."""
         return {}
 
+    @classmethod
+    def presets(cls) -> dict[str, tuple[Recipe, dict[str, Any]]]:
+        """Named (recipe, config overrides) pairs. ``paper`` is the faithful
+        setting; a method too heavy for a CPU adds a measured ``cpu`` one."""
+        return {"paper": (cls.default_recipe(), {})}
+
+    @classmethod
+    def resolve_preset(cls, name: str, device_type: str) -> str:
+        """``auto``: the faithful setting on a GPU, the CPU setting (if the
+        method has one) on a CPU."""
+        available = cls.presets()
+        if name == "auto":
+            return "cpu" if device_type != "cuda" and "cpu" in available else "paper"
+        if name not in available:
+            raise ValueError(f"{cls.name} has no preset {name!r}; available: "
+                             f"{', '.join(['auto', *available])}")
+        return name
+
+    def write_training_samples(self, images: torch.Tensor, path: Any, n: int = 8) -> Any:
+        """A picture of what the method trains on (methods with synthetic anomalies)."""
+        raise ValueError(f"{self.name} trains on the normal images as they are: "
+                         "there are no synthetic samples to show")
+
     def training_loss(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Losses for one batch of normal images; key ``loss`` is minimised."""
         raise NotImplementedError

@@ -70,10 +70,7 @@ def rotate(images: torch.Tensor, degrees: torch.Tensor | float, *, mode: str = "
 def gamma_contrast(x: torch.Tensor, gamma: torch.Tensor | float) -> torch.Tensor:
     """x ** gamma; gamma (B,), (B, 3) for per-channel, or a scalar."""
     g = torch.as_tensor(gamma, dtype=x.dtype).to(x.device)
-    if g.dim() == 2:
-        g = g[:, :, None, None]
-    else:
-        g = _per_sample(g, x)
+    g = g[:, :, None, None] if g.dim() == 2 else _per_sample(g, x)
     return x.clamp(0, 1).pow(g)
 
 
@@ -93,10 +90,8 @@ def brightness(x: torch.Tensor, mul: torch.Tensor | float, add: torch.Tensor | f
 def sharpness(x: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
     """PIL's ImageEnhance.Sharpness: blend with PIL's SMOOTH-filtered image;
     factor 0 blurs, 1 is identity, 2 sharpens; the 1-pixel border is kept."""
-    kernel = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]],
-                          dtype=x.dtype, device=x.device) / 13.0
-    smooth = F.conv2d(x, kernel.expand(x.shape[1], 1, 3, 3), groups=x.shape[1])
-    smooth = x.clone().index_put_((), torch.tensor(0.0)) if False else smooth  # noqa: SIM108
+    # PIL's kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 = (3x3 box sum + 4 * centre) / 13.
+    smooth = (9.0 * F.avg_pool2d(x, 3, stride=1) + 4.0 * x[:, :, 1:-1, 1:-1]) / 13.0
     degenerate = x.clone()
     degenerate[:, :, 1:-1, 1:-1] = smooth
     return torch.lerp(degenerate, x, _per_sample(factor, x).expand_as(x)).clamp(0, 1)
@@ -151,36 +146,46 @@ def invert(x: torch.Tensor) -> torch.Tensor:
     return 1.0 - x
 
 
-def autocontrast(x: torch.Tensor, cutoff: torch.Tensor | float = 0.0) -> torch.Tensor:
-    """Per channel, map the ``cutoff`` and ``1 - cutoff`` quantiles to 0 and 1
-    (PIL's autocontrast with cutoff as a fraction); flat channels are kept."""
+def _channel_histograms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit levels (B*C, H*W) and their histograms (B*C, 256), in one bincount."""
     n, c, h, w = x.shape
-    flat = x.reshape(n, c, h * w).sort(-1).values
-    q = _per_sample(cutoff, x, 1).clamp(0, 0.49)  # (B, 1)
-    lo_idx = (q * (h * w - 1)).floor().long().expand(n, c)[..., None]
-    hi_idx = ((1.0 - q) * (h * w - 1)).ceil().long().expand(n, c)[..., None]
-    lo = flat.gather(-1, lo_idx)[..., None]
-    hi = flat.gather(-1, hi_idx)[..., None]
+    levels = (x.clamp(0, 1) * 255.0).round().long().reshape(n * c, h * w)
+    offsets = torch.arange(n * c, device=x.device)[:, None] * 256
+    counts = torch.bincount((levels + offsets).reshape(-1), minlength=n * c * 256)
+    return levels, counts.reshape(n * c, 256)
+
+
+def autocontrast(x: torch.Tensor, cutoff: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """PIL's autocontrast per channel: drop ``cutoff`` (a fraction) of the pixels
+    at each end of the 8-bit histogram, stretch the rest to [0, 1]; a channel
+    with a single level is kept."""
+    n, c, h, w = x.shape
+    _, counts = _channel_histograms(x)
+    cut = _per_sample(cutoff, x, 1).expand(n, c).reshape(n * c, 1) * (h * w)
+    below = counts.cumsum(1).to(x.dtype)  # pixels at or below each level
+    above = counts.flip(1).cumsum(1).flip(1).to(x.dtype)  # pixels at or above each level
+    lo = (below <= cut).sum(1).clamp(max=255).to(x.dtype)
+    hi = ((above > cut).sum(1) - 1).clamp(min=0).to(x.dtype)
+    lo, hi = lo.reshape(n, c, 1, 1) / 255.0, hi.reshape(n, c, 1, 1) / 255.0
     span = hi - lo
     stretched = (x - lo) / torch.where(span > 0, span, torch.ones_like(span))
     return torch.where(span > 0, stretched, x).clamp(0, 1)
 
 
 def equalize(x: torch.Tensor) -> torch.Tensor:
-    """Per channel histogram equalisation on 8-bit levels, all channels of all
-    samples at once (one bincount)."""
+    """PIL's ImageOps.equalize per channel on 8-bit levels (the imgaug "pillike"
+    op DRAEM uses), all channels of all samples at once."""
     n, c, h, w = x.shape
-    levels = (x.clamp(0, 1) * 255.0).round().long().reshape(n * c, h * w)
-    offsets = torch.arange(n * c, device=x.device)[:, None] * 256
-    counts = torch.bincount((levels + offsets).reshape(-1), minlength=n * c * 256)
-    cdf = counts.reshape(n * c, 256).cumsum(1).to(x.dtype)
-    big = torch.full_like(cdf, float(h * w + 1))
-    cdf_min = torch.where(cdf > 0, cdf, big).min(1, keepdim=True).values
-    denom = float(h * w) - cdf_min
-    lut = ((cdf - cdf_min) / torch.where(denom > 0, denom, torch.ones_like(denom))).clamp(0, 1)
+    levels, counts = _channel_histograms(x)
+    top = 255 - (counts.flip(1) > 0).int().argmax(1, keepdim=True)  # highest level present
+    step = torch.div(h * w - counts.gather(1, top), 255, rounding_mode="floor")
+    safe = step.clamp(min=1)
+    before = counts.cumsum(1) - counts  # pixels strictly below each level
+    lut = torch.div(before + torch.div(safe, 2, rounding_mode="floor"), safe,
+                    rounding_mode="floor").clamp(max=255)
     out = lut.gather(1, levels)
-    flat = (denom <= 0).expand_as(out)  # one level only: nothing to equalise
-    return torch.where(flat, levels.to(x.dtype) / 255.0, out).reshape(n, c, h, w)
+    out = torch.where(step > 0, out, levels)  # PIL leaves near-flat channels alone
+    return out.to(x.dtype).reshape(n, c, h, w) / 255.0
 
 
 # --- random parameters, the official ranges ---------------------------------------------------
