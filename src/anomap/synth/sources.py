@@ -45,10 +45,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from anomap.data import IMAGE_EXTENSIONS, load_image
 from anomap.synth.perlin import perlin_noise
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif",
-                            ".ppm", ".pgm"})
 # Pictures scikit-image ships with its wheel (no download needed).
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
                   "immunohistochemistry", "retina", "coins", "moon", "camera", "cell", "clock",
@@ -135,10 +134,10 @@ class ImageSource(AnomalySource):
         if not root.is_dir():
             raise FileNotFoundError(f"anomaly source folder {root} does not exist")
         files = sorted(p for p in root.rglob("*")
-                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
             raise ValueError(f"anomaly source folder {root} holds no images "
-                             f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+                             f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
         source = cls(files, resolution=resolution, crop_scale=crop_scale, name=str(root))
         if preload is None:
             preload = len(files) <= PRELOAD_LIMIT
@@ -163,12 +162,8 @@ class ImageSource(AnomalySource):
         warnings.warn(f"anomaly source: skipping unreadable image {line}", stacklevel=3)
 
     def _decode(self, entry: np.ndarray | Path) -> torch.Tensor:
-        if isinstance(entry, np.ndarray):
-            image = Image.fromarray(entry)
-        else:
-            with Image.open(entry) as opened:
-                opened.load()
-                image = opened.copy()
+        # paths go through load_image: any mode and bit depth, like the training data
+        image = Image.fromarray(entry) if isinstance(entry, np.ndarray) else load_image(entry)
         image = image.convert("RGB").resize((self.resolution, self.resolution),
                                             Image.Resampling.BILINEAR)
         return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
