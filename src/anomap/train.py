@@ -16,7 +16,7 @@ import logging
 import random
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -156,38 +156,40 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
 
     run_dir.mkdir(parents=True, exist_ok=True)
     save_json(config, config_path)
+    calibration = Calibration(run_dir, config["threshold_quantile"], skipped)
     history = train_loop(model, recipe, train_set, val_set, geometry, run_dir,
-                         device=torch_device, seed=seed, resume=resume, progress=progress)
-
-    # Calibrate on held-out normals with the selected weights.
-    best = torch.load(run_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    model.load_state_dict(best["model"])
-    calibration_set = val_set if val_set is not None else train_set
-    maps, scores = infer(model, geometry, calibration_set, device=torch_device,
-                         batch_size=recipe.batch_size, progress=progress, desc="calibrating")
-    threshold = calibrate_threshold(scores, quantile=config["threshold_quantile"])
-    calibration = {
-        "threshold": threshold,
-        "quantile": config["threshold_quantile"],
-        "source": "validation" if val_set is not None else "training (no validation split)",
-        "n_images": len(calibration_set),
-        "score_mean": float(scores.mean()), "score_max": float(scores.max()),
-        "display_range": _display_range(maps, threshold),
-        "best_epoch": best["epoch"],
-        "n_skipped": len(skipped), "skipped": skipped,
-    }
-    save_json(calibration, run_dir / CALIBRATION_FILE)
-    return {"run_dir": str(run_dir), "history": history, **calibration}
+                         device=torch_device, seed=seed, resume=resume, progress=progress,
+                         calibration=calibration)
+    if val_set is None:  # nothing held out: calibrate on the training images, last weights
+        maps, scores = infer(model, geometry, train_set, device=torch_device,
+                             batch_size=recipe.batch_size, progress=progress,
+                             desc="calibrating")
+        calibration.write(maps, scores, history[-1]["epoch"],
+                          source="training images (no validation split)")
+    return {"run_dir": str(run_dir), "history": history,
+            **load_json(run_dir / CALIBRATION_FILE)}
 
 
-def _validation_score(model: AnomalyModel, geometry: Geometry, val_set: LoadedSet | None,
-                      device: torch.device, batch_size: int) -> float:
-    if val_set is None:
-        return float("nan")
-    _, scores = infer(model, geometry, val_set, batch_size=batch_size, device=device,
-                      progress=False)
-    model.train()
-    return float(scores.mean())
+@dataclass
+class Calibration:
+    """Writes calibration.json whenever a new best checkpoint is kept, from the
+    held-out scores the loop has just computed: a run can be tested or used at
+    any moment of its training, and after an interruption."""
+
+    run_dir: Path
+    quantile: float
+    skipped: list[str]
+
+    def write(self, maps: torch.Tensor, scores: np.ndarray, epoch: int,
+              source: str = "validation") -> None:
+        threshold = calibrate_threshold(scores, quantile=self.quantile)
+        save_json({
+            "threshold": threshold, "quantile": self.quantile, "source": source,
+            "n_images": len(scores), "score_mean": float(scores.mean()),
+            "score_max": float(scores.max()),
+            "display_range": _display_range(maps, threshold), "best_epoch": epoch,
+            "n_skipped": len(self.skipped), "skipped": self.skipped,
+        }, self.run_dir / CALIBRATION_FILE)
 
 
 class _TrainingStep(torch.nn.Module):
@@ -213,7 +215,8 @@ def _training_step(model: AnomalyModel, device: torch.device) -> torch.nn.Module
 def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
                val_set: LoadedSet | None, geometry: Geometry, run_dir: Path, *,
                device: torch.device, seed: int = 0, resume: bool = False,
-               progress: bool = True) -> list[dict[str, float]]:
+               progress: bool = True, calibration: Calibration | None = None
+               ) -> list[dict[str, float]]:
     """Train for ``recipe.epochs``; returns the per-epoch history."""
     optimizer, scheduler = build_optimizer(recipe, model.trainable_parameters())
     start_epoch, best_val, history = 0, float("inf"), []
@@ -254,12 +257,19 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
                             img_s=f"{seen / (time.perf_counter() - started):.1f}")
         scheduler.step()
         train_seconds = time.perf_counter() - started
-        val_score = _validation_score(model, geometry, val_set, device, recipe.batch_size)
+        val_score = float("nan")
+        if val_set is not None:
+            maps, scores = infer(model, geometry, val_set, batch_size=recipe.batch_size,
+                                 device=device, progress=False)
+            model.train()
+            val_score = float(scores.mean())
         improved = not (val_score >= best_val)  # NaN (no validation) -> keep the latest
         if improved:
             best_val = val_score if val_score == val_score else best_val
             save_torch({"model": model.state_dict(), "epoch": epoch + 1, "val_score": val_score},
                        run_dir / WEIGHTS_FILE)
+            if calibration is not None and val_set is not None:
+                calibration.write(maps, scores, epoch + 1)
         history.append({"epoch": epoch + 1, "loss": total / max(seen, 1),
                         "val_mean_score": val_score, "lr": optimizer.param_groups[0]["lr"],
                         "seconds": round(time.perf_counter() - started, 3),
