@@ -86,7 +86,9 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, *,
     if loaded.masks is not None and has_mask.any() and labels[has_mask].any():
         pixel_masks = loaded.masks[torch.from_numpy(has_mask)].numpy()
         pixel_maps = maps[torch.from_numpy(has_mask)].numpy()
+    metrics_started = time.perf_counter()
     result: dict[str, Any] = metrics.evaluate_all(labels, scores, pixel_masks, pixel_maps)
+    result["metrics_seconds"] = round(time.perf_counter() - metrics_started, 3)
     result["per_defect_type"] = per_defect_type_auroc(loaded.samples, scores)
     result.setdefault("pixel_auroc", float("nan"))
     result.setdefault("aupro", float("nan"))
