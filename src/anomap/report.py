@@ -554,7 +554,8 @@ def write_html_report(
         f'<tr><th>{_esc(k)}</th><td class="num">{_esc(_fmt(v))}</td></tr>'
         for k, v in metrics.items()
     )
-    metric_rows += f'<tr><th>threshold</th><td class="num">{_esc(thr_txt)}</td></tr>'
+    if "threshold" not in metrics:
+        metric_rows += f'<tr><th>threshold</th><td class="num">{_esc(thr_txt)}</td></tr>'
     cm = (
         '<table class="cm"><tr><th></th><th>predicted defective</th><th>predicted good</th></tr>'
         f'<tr><th>defective</th><td class="ok">TP {conf["tp"]}</td>'
