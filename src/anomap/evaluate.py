@@ -14,8 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from anomap import metrics, report
-from anomap.data import Box, Geometry, LoadedSet, discover, load_set, to_float
-from anomap.files import save_json
+from anomap.data import Box, Geometry, LoadedSet, Sample, discover, load_set, to_float
+from anomap.files import save_json, save_text
 from anomap.methods import AnomalyModel
 from anomap.run import Detector, resize_map
 
@@ -129,7 +129,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, *,
     return result
 
 
-def per_defect_type_auroc(samples: list, scores: np.ndarray) -> dict[str, float]:
+def per_defect_type_auroc(samples: list[Sample], scores: np.ndarray) -> dict[str, float]:
     """Image AUROC of each defect type against the normal test images: shows
     which kinds of defect a model misses."""
     types = np.array([s.defect_type for s in samples])
@@ -156,6 +156,5 @@ def write_predictions_csv(rows: list[dict[str, Any]], path: Path | None = None,
     writer.writerows(rows)
     text = buffer.getvalue()
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        save_text(text, path)
     return text
