@@ -17,7 +17,7 @@ from anomap import metrics, report
 from anomap.data import Box, Geometry, LoadedSet, Sample, discover, load_set, to_float
 from anomap.files import save_json, save_text
 from anomap.methods import AnomalyModel
-from anomap.run import Detector, resize_map
+from anomap.run import Detector
 
 
 @torch.no_grad()
@@ -44,11 +44,6 @@ def _crop(images: torch.Tensor, index: int, box: Box) -> np.ndarray:
     """The photo as the network saw it, without letterbox padding: (h, w, 3) uint8."""
     image = images[index, :, box.top:box.top + box.height, box.left:box.left + box.width]
     return image.permute(1, 2, 0).numpy()
-
-
-def _resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    resized = torch.nn.functional.interpolate(mask[None, None].float(), size=size, mode="nearest")
-    return resized[0, 0].numpy() > 0.5
 
 
 def evaluate_run(run_dir: str | Path, data: str | Path | None = None, *,
@@ -110,13 +105,12 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, *,
                "defect_type": sample.defect_type, "score": float(scores[i]), "verdict": verdict,
                "panel_png": None}
         if panels:
-            box = loaded.boxes[i]
-            size = (box.height, box.width)
-            gt = _resize_mask(loaded.masks[i], size) if sample.mask_path else None
-            amap = resize_map(maps[i], size)
+            # report.panel resizes map and masks to the cropped photo itself
+            gt = loaded.masks[i].numpy() if sample.mask_path else None
+            amap = maps[i].numpy()
             caption = f"{sample.defect_type}  score {scores[i]:.4g}  {verdict}"
-            picture = report.panel(_crop(loaded.images, i, box), amap, vmin, vmax, gt_mask=gt,
-                                   pred_mask=amap >= threshold, caption=caption)
+            picture = report.panel(_crop(loaded.images, i, loaded.boxes[i]), amap, vmin, vmax,
+                                   gt_mask=gt, pred_mask=amap >= threshold, caption=caption)
             path = out / "panels" / sample.defect_type / f"{sample.path.stem}.png"
             row["panel_png"] = str(report.save_png(picture, path))
         rows.append(row)
