@@ -1,15 +1,20 @@
-"""Speed benchmark: STPM inference and training on this machine's CPU (or GPU).
+"""Speed benchmark: inference and training of each method on this machine's CPU (or GPU).
 
-Measures, at 256x256, for each backbone:
-- model-only images/s (batch 1 and 32): anomaly map + score on ready tensors;
-- end-to-end images/s (batch 1 and 32): JPEG decode, letterbox resize, model,
-  map back to the photo frame, score, via :class:`anomap.Detector`;
-- training ms per image (batch 32, forward + backward + SGD step);
+Measures, at 256x256, for each model spec (``stpm:<backbone>``, ``draem:<preset>``):
+- model-only images/s at batch 1 and at the recipe's batch size: anomaly map
+  + score on ready tensors;
+- end-to-end images/s at the same batch sizes: JPEG decode, letterbox resize,
+  model, map back to the photo frame, score, via :class:`anomap.Detector`;
+- training ms per image and samples/s at the recipe's batch size (forward,
+  backward, optimiser step; for DRAEM also the synthetic-anomaly generation);
+- for methods trained on synthetic anomalies, the generator alone (samples/s);
 - FLOPs per image (torch's FlopCounterMode) and the achieved GFLOP/s.
 
-Random weights are fine for timing (same architecture, same cost).
+Random weights are fine for timing (same architecture, same cost). Results are
+merged into the JSON file, one entry per spec.
 
-    python benchmarks/speed.py            # writes benchmarks/results/speed.json
+    python benchmarks/speed.py            # stpm:efficientnet_lite0 stpm:resnet18
+    python benchmarks/speed.py --models draem:cpu draem:paper
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import json
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,14 +31,21 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from anomap import Detector
 from anomap.data import Geometry, discover
-from anomap.methods import build_model
+from anomap.methods import AnomalyModel, Recipe, build_model, get_method
+from anomap.synth import make_anomaly_source, synthesize
+from anomap.train import build_optimizer
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA = ROOT.parents[1] / "shared" / "data" / "mtd"
 
 
-def best_time(fn, repeats: int) -> float:
+def best_time(fn: Callable[[], object], repeats: int = 3, slow_seconds: float = 5.0) -> float:
+    """Fastest of ``repeats`` timed calls after a warm-up; one call when it is slow."""
+    started = time.perf_counter()
     fn()  # warm-up
+    times = [time.perf_counter() - started]
+    if times[0] > slow_seconds:
+        repeats = 1
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -44,39 +57,53 @@ def best_time(fn, repeats: int) -> float:
 def flops_per_image(model: torch.nn.Module, size: int, device: torch.device) -> float:
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():
-        model(torch.rand(1, 3, size, size, device=device))
+        model.anomaly_map(torch.rand(1, 3, size, size, device=device))
     return float(counter.get_total_flops())
 
 
-def measure(name: str, paths: list[Path], geometry: Geometry, device: torch.device
-            ) -> dict[str, float]:
-    """All figures for one backbone."""
+def build(spec: str) -> tuple[AnomalyModel, Recipe]:
+    """``stpm:<backbone>`` (paper recipe) or ``<method>:<preset>``; random weights."""
+    method, _, variant = spec.partition(":")
+    cls = get_method(method)
+    if method == "stpm":
+        return build_model("stpm", backbone=variant or None, weights="random"), \
+            cls.default_recipe()
+    recipe, config = cls.presets()[variant or "paper"]
+    return build_model(method, **config), recipe
+
+
+def measure(spec: str, paths: list[Path], geometry: Geometry, device: torch.device
+            ) -> dict[str, float | int]:
+    """All figures for one model spec."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     size = geometry.size
-    model = build_model("stpm", backbone=name, weights="random").to(device)
+    model, recipe = build(spec)
+    model = model.to(device)
+    batch = recipe.batch_size
     detector = Detector(model, geometry, threshold=1.0, display_range=(0.0, 1.0))
     fast = detector.model
     flops = flops_per_image(fast, size, device)
-    entry: dict[str, float] = {"gflops_per_image": round(flops / 1e9, 3)}
-    for batch in (1, 32):
-        images = torch.rand(batch, 3, size, size, device=device)
+    entry: dict[str, float | int] = {"gflops_per_image": round(flops / 1e9, 3), "batch": batch}
+    for b in (1, batch):
+        images = torch.rand(b, 3, size, size, device=device)
 
         def model_only(images: torch.Tensor = images) -> None:
             with torch.inference_mode():
                 fast.image_score(fast.anomaly_map(images))
             sync()
 
-        seconds = best_time(model_only, 10 if batch == 1 else 3)
-        entry[f"model_images_per_second_b{batch}"] = round(batch / seconds, 2)
-        n = min(len(paths), 32 if batch == 1 else len(paths))
-        seconds = best_time(lambda n=n, b=batch: detector.predict(paths[:n], batch_size=b), 2)
-        entry[f"end_to_end_images_per_second_b{batch}"] = round(n / seconds, 2)
+        seconds = best_time(model_only, 10 if b == 1 else 3)
+        entry[f"model_images_per_second_b{b}"] = round(b / seconds, 2)
+        # at least 2 batches, and at least 2 s of model work per timed call
+        n = min(len(paths), max(2 * b, int(2.0 / seconds * b) // b * b))
+        seconds = best_time(lambda n=n, b=b: detector.predict(paths[:n], batch_size=b), 2)
+        entry[f"end_to_end_images_per_second_b{b}"] = round(n / seconds, 2)
         for kind in ("model", "end_to_end"):
-            ips = entry[f"{kind}_images_per_second_b{batch}"]
-            entry[f"{kind}_gflop_per_second_b{batch}"] = round(ips * flops / 1e9, 2)
+            ips = entry[f"{kind}_images_per_second_b{b}"]
+            entry[f"{kind}_gflop_per_second_b{b}"] = round(ips * flops / 1e9, 2)
     model.train()
-    optimizer = torch.optim.SGD(model.trainable_parameters(), lr=0.01, momentum=0.9)
-    images = torch.rand(32, 3, size, size, device=device)
+    optimizer, _ = build_optimizer(recipe, model.trainable_parameters())
+    images = torch.rand(batch, 3, size, size, device=device)
 
     def train_step() -> None:
         loss = model.training_loss(images)["loss"]
@@ -85,14 +112,26 @@ def measure(name: str, paths: list[Path], geometry: Geometry, device: torch.devi
         optimizer.step()
         sync()
 
-    entry["train_ms_per_image_b32"] = round(best_time(train_step, 3) / 32 * 1000, 1)
+    seconds = best_time(train_step, 3)
+    entry[f"train_ms_per_image_b{batch}"] = round(seconds / batch * 1000, 1)
+    entry["train_samples_per_second"] = round(batch / seconds, 3)
+    if "anomaly_source" in model.config:  # trained on synthetic anomalies
+        source = make_anomaly_source(model.config["anomaly_source"], size)
+        synthesize(images, source)  # warm-up (the source decodes its photos once)
+        for p in (0.5, 1.0):  # the work is random: average many batches, not the fastest
+            calls, started = 20, time.perf_counter()
+            for _ in range(calls):
+                synthesize(images, source, p_anomaly=p)
+            seconds = (time.perf_counter() - started) / calls
+            entry[f"synthesis_samples_per_second_p{p}"] = round(batch / seconds, 1)
     return entry
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "resnet18"])
+    parser.add_argument("--models", nargs="+",
+                        default=["stpm:efficientnet_lite0", "stpm:resnet18"])
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--n-images", type=int, default=64)
@@ -102,20 +141,27 @@ def main() -> None:
     # Random weights can produce denormal floats, which a trained model does not:
     # flush them so the timing reflects the architecture, not the random draw.
     torch.set_flush_denormal(True)
+    torch.manual_seed(0)
     paths = [s.path for s in discover(args.data).test][: args.n_images]
     geometry = Geometry(args.size, "letterbox")
-    results = {}
-    for name in args.backbones:
-        results[name] = measure(name, paths, geometry, device)
-        print(name, json.dumps(results[name]))
-    record = {
-        "command": "python benchmarks/speed.py",
+    record = json.loads(args.out.read_text()) if args.out.is_file() else {"results": {}}
+    if record.get("size") not in (None, args.size):
+        record["results"] = {}  # never mix sizes in one file
+    for spec in args.models:
+        entry = measure(spec, paths, geometry, device)
+        entry["command"] = " ".join(
+            ["python benchmarks/speed.py --models", spec]
+            + ([f"--size {args.size}"] if args.size != 256 else [])
+            + ([f"--out {args.out}"] if args.out != ROOT / "results" / "speed.json" else []))
+        record["results"][spec] = entry
+        print(spec, json.dumps(entry))
+    record.update({
         "size": args.size,
         "device": (torch.cuda.get_device_name() if device.type == "cuda"
                    else f"cpu ({torch.get_num_threads()} threads, {platform.machine()})"),
         "torch": torch.__version__,
-        "results": results,
-    }
+    })
+    record.pop("command", None)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.out}")
 

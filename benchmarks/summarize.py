@@ -15,18 +15,28 @@ def _fmt(value: object) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def _model(config: dict) -> str:
+    """What distinguishes the network: the backbone, or DRAEM's widths and texture source."""
+    model = config["model"]
+    if "backbone" in model:
+        return str(model["backbone"])
+    return (f"widths {model['base_width']}/{model['disc_base_width']}, "
+            f"source {model.get('anomaly_source') or 'builtin'}")
+
+
 def accuracy_table() -> str:
-    lines = ["| run | backbone | resize | epochs (best) | image AUROC | pixel AUROC | AUPRO "
+    lines = ["| run | method | model | input | epochs (kept) | image AUROC | pixel AUROC | AUPRO "
              "| F1-max | train ms/img | command |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(RESULTS.glob("*.json")):
         record = json.loads(path.read_text())
-        if "metrics" not in record:
+        if "metrics" not in record:  # speed files
             continue
         m, config = record["metrics"], record["config"]
         lines.append(
-            f"| {record['name']} | {config['model'].get('backbone')} "
-            f"| {config['geometry']['mode']} | {record['epochs']} ({record['best_epoch']}) "
+            f"| {record['name']} | {config['method']} | {_model(config)} "
+            f"| {config['geometry']['size']} px {config['geometry']['mode']} "
+            f"| {record['epochs']} ({record['best_epoch']}) "
             f"| {_fmt(m['image_auroc'])} | {_fmt(m['pixel_auroc'])} | {_fmt(m['aupro'])} "
             f"| {_fmt(m['image_f1_max'])} | {record['train_ms_per_image']} "
             f"| `{record['command']}` |")
@@ -46,26 +56,29 @@ def per_type_table() -> str:
     return "\n".join(lines)
 
 
-def speed_table() -> str:
-    path = RESULTS / "speed.json"
-    if not path.is_file():
-        return ""
+def speed_table(path: Path) -> str:
     record = json.loads(path.read_text())
-    lines = [f"Device: {record['device']}, {record['size']}x{record['size']}, "
-             f"`{record['command']}`", "",
-             "| backbone | GFLOP/img | model img/s b1 | model img/s b32 | end-to-end img/s b1 "
-             "| end-to-end img/s b32 | GFLOP/s (e2e b32) | train ms/img b32 |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"Device: {record['device']}, {record['size']}x{record['size']}", "",
+             "| model | GFLOP/img | batch b | model img/s b1 | model img/s b | end-to-end img/s b1 "
+             "| end-to-end img/s b | GFLOP/s (e2e, b) | train ms/img (b) | train samples/s "
+             "| synthetic anomalies samples/s (p 0.5 / 1) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in record["results"].items():
+        b = e["batch"]
+        synth = (f"{e['synthesis_samples_per_second_p0.5']} / "
+                 f"{e['synthesis_samples_per_second_p1.0']}"
+                 if "synthesis_samples_per_second_p0.5" in e else "")
         lines.append(
-            f"| {name} | {e['gflops_per_image']} | {e['model_images_per_second_b1']} "
-            f"| {e['model_images_per_second_b32']} | {e['end_to_end_images_per_second_b1']} "
-            f"| {e['end_to_end_images_per_second_b32']} | {e['end_to_end_gflop_per_second_b32']} "
-            f"| {e['train_ms_per_image_b32']} |")
+            f"| {name} | {e['gflops_per_image']} | {b} | {e['model_images_per_second_b1']} "
+            f"| {e[f'model_images_per_second_b{b}']} | {e['end_to_end_images_per_second_b1']} "
+            f"| {e[f'end_to_end_images_per_second_b{b}']} "
+            f"| {e[f'end_to_end_gflop_per_second_b{b}']} | {e[f'train_ms_per_image_b{b}']} "
+            f"| {e['train_samples_per_second']} | {synth} |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    for table in (accuracy_table(), per_type_table(), speed_table()):
+    speed = [speed_table(path) for path in sorted(RESULTS.glob("speed*.json"))]
+    for table in (accuracy_table(), per_type_table(), *speed):
         if table:
             print(table, end="\n\n")

@@ -92,9 +92,10 @@ def test_existing_run_is_never_overwritten(trained_run: Path, toy_data: Path) ->
     assert (trained_run / "model.pt").read_bytes() == before
 
 
-def _tiny_fit(data: Path, run: Path, epochs: int, resume: bool = False) -> dict:
+def _tiny_fit(data: Path, run: Path, epochs: int, resume: bool = False,
+              selection: str | None = None) -> dict:
     return fit("stpm", data, run, recipe_overrides={"epochs": epochs, "batch_size": 4,
-                                                    "image_size": 64},
+                                                    "image_size": 64, "selection": selection},
                resize_mode="letterbox", device="cpu", seed=3, resume=resume, progress=False)
 
 
@@ -114,6 +115,30 @@ def test_seeded_training_is_deterministic_and_resume_matches(toy_data: Path,
     history_a = json.loads((tmp_path / "a" / "calibration.json").read_text())["threshold"]
     history_b = json.loads((tmp_path / "b" / "calibration.json").read_text())["threshold"]
     assert history_a == pytest.approx(history_b)
+
+
+@pytest.mark.parametrize("selection", ["last", "synthetic"])
+def test_selection_rules_pick_the_epoch_they_promise(toy_data: Path, tmp_path: Path,
+                                                     selection: str) -> None:
+    result = _tiny_fit(toy_data, tmp_path / selection, epochs=3, selection=selection)
+    history = result["history"]
+    kept = torch.load(tmp_path / selection / "model.pt", weights_only=False)
+    if selection == "last":
+        assert kept["epoch"] == 3 and all(h["best"] for h in history)
+        assert "synthetic_image_auroc" not in history[0]
+    else:
+        quality = [h["synthetic_image_auroc"] + h["synthetic_pixel_auroc"] for h in history]
+        assert all(0.0 <= h["synthetic_image_auroc"] <= 1.0 for h in history)
+        assert kept["epoch"] == 1 + int(np.argmax(quality))
+        # the pasted anomalies are found far better than chance
+        assert max(h["synthetic_pixel_auroc"] for h in history) > 0.7
+    assert json.loads((tmp_path / selection / "calibration.json").read_text())[
+        "best_epoch"] == kept["epoch"]
+
+
+def test_unknown_selection_rule_is_refused(toy_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown selection 'best'"):
+        _tiny_fit(toy_data, tmp_path / "x", epochs=1, selection="best")
 
 
 def test_holdout_is_used_for_calibration_not_test(trained_run: Path, toy_data: Path) -> None:

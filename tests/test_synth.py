@@ -96,6 +96,35 @@ def test_synthesize_applies_blend_with_drawn_mask() -> None:
     assert masks.sum() > 0
 
 
+class RedSource(AnomalySource):
+    """Pure red textures: a grey image must not receive them as colour."""
+
+    name = "red"
+
+    def sample(self, batch: int, size: int | tuple[int, int], *,
+               generator: torch.Generator | None = None,
+               device: torch.device | str | None = None) -> torch.Tensor:
+        h, w = (size, size) if isinstance(size, int) else size
+        texture = torch.zeros(batch, 3, h, w, device=device)
+        texture[:, 0] = 1.0
+        return texture
+
+
+def test_grey_images_get_grey_anomalies_colour_images_keep_colour() -> None:
+    g = torch.Generator().manual_seed(4)
+    grey = torch.rand(6, 1, 32, 32, generator=g).expand(-1, 3, -1, -1).contiguous()
+    colour = torch.rand(6, 3, 32, 32, generator=g)
+    out, masks = synthesize(torch.cat((grey, colour)), RedSource(), p_anomaly=1.0,
+                            beta_range=(0.0, 0.0), n_augment=0,
+                            generator=torch.Generator().manual_seed(5))
+    inside = masks[:, 0] > 0
+    assert inside[:6].any() and inside[6:].any()
+    # grey: red (1, 0, 0) becomes its BT.601 luma 0.299 in every channel
+    assert torch.allclose(out[:6].permute(1, 0, 2, 3)[:, inside[:6]], torch.tensor(0.299))
+    red = out[6:].permute(1, 0, 2, 3)[:, inside[6:]]
+    assert torch.all(red[0] == 1.0) and torch.all(red[1:] == 0.0)
+
+
 def test_about_half_of_the_samples_stay_clean() -> None:
     n = 800
     images = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--anomaly-source",
                        help="DRAEM: folder of texture images (e.g. DTD), or builtin, "
                             "procedural, skimage (default: builtin, offline)")
+    train.add_argument("--selection", choices=["val_score", "last", "synthetic"],
+                       help="which epoch becomes model.pt, judged on held-out normals: lowest "
+                            "mean score, the last, or best AUROC on synthetic anomalies pasted "
+                            "into them (default: the method's recipe)")
     train.add_argument("--resize-mode", default="letterbox", choices=["letterbox", "stretch"],
                        help="letterbox keeps the aspect ratio (default); stretch squashes")
     train.add_argument("--val-fraction", type=float, default=0.2,
@@ -120,7 +124,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.data is None and not args.resume:
         raise ValueError("--data is required (unless --resume)")
     recipe = {"epochs": args.epochs, "batch_size": args.batch_size,
-              "image_size": args.image_size, "lr": args.lr}
+              "image_size": args.image_size, "lr": args.lr, "selection": args.selection}
     try:
         result = fit(args.model, args.data, args.out,
                      model_config={"backbone": args.backbone, "weights": args.weights,

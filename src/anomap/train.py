@@ -3,7 +3,9 @@
 The loop knows nothing of the method it trains: it asks the model for
 ``training_loss(images)`` on normal images, steps the optimiser the recipe
 names, scores the held-out normal images after every epoch, keeps the
-checkpoint whose held-out scores are lowest (no test image is ever looked at),
+checkpoint the recipe's ``selection`` rule prefers (lowest held-out scores,
+the last epoch, or best AUROC on synthetic anomalies pasted into the held-out
+normals; no test image is ever looked at),
 writes the full state atomically every epoch so an interrupted run resumes
 where it stopped, and finally calibrates the pass/fail threshold on the
 held-out normals.
@@ -29,7 +31,7 @@ from anomap.data import Geometry, LoadedSet, discover, load_set, split_holdout, 
 from anomap.evaluate import infer
 from anomap.files import save_json, save_torch
 from anomap.methods import AnomalyModel, Recipe, build_model, get_method
-from anomap.metrics import calibrate_threshold
+from anomap.metrics import calibrate_threshold, image_auroc, pixel_auroc
 from anomap.run import (
     CALIBRATION_FILE,
     CONFIG_FILE,
@@ -39,6 +41,7 @@ from anomap.run import (
     load_json,
     resolve_device,
 )
+from anomap.synth import make_anomaly_source, synthesize
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +195,37 @@ class Calibration:
         }, self.run_dir / CALIBRATION_FILE)
 
 
+def synthetic_check_set(val_set: LoadedSet, geometry: Geometry, seed: int,
+                        source: str = "builtin") -> LoadedSet:
+    """The held-out normals with a synthetic anomaly pasted into each (fixed
+    seed, so every epoch is judged on the same images); masks in the
+    evaluation frame. Images whose anomaly fell on letterbox padding only are
+    dropped."""
+    generator = torch.Generator().manual_seed(seed + 7919)
+    with torch.no_grad():
+        images, masks = synthesize(to_float(val_set.images),
+                                   make_anomaly_source(source, geometry.size),
+                                   p_anomaly=1.0, generator=generator)
+    restored = geometry.restore(masks[:, 0], val_set.boxes) > 0.5
+    keep = restored.flatten(1).any(dim=1).nonzero().flatten().tolist()
+    return LoadedSet(samples=[val_set.samples[i] for i in keep],
+                     images=images[keep].mul(255.0).add_(0.5).to(torch.uint8),
+                     boxes=[val_set.boxes[i] for i in keep], masks=restored[keep], skipped=[])
+
+
+def synthetic_aurocs(model: AnomalyModel, geometry: Geometry, check: LoadedSet,
+                     normal_maps: torch.Tensor, normal_scores: np.ndarray, *,
+                     batch_size: int, device: torch.device) -> tuple[float, float]:
+    """(image AUROC, pixel AUROC) of clean held-out normals against ``check``."""
+    maps, scores = infer(model, geometry, check, batch_size=batch_size, device=device,
+                         progress=False)
+    labels = np.r_[np.zeros(len(normal_scores)), np.ones(len(scores))]
+    assert check.masks is not None
+    masks = torch.cat((torch.zeros_like(normal_maps, dtype=torch.bool), check.masks))
+    return (image_auroc(labels, np.r_[normal_scores, scores]),
+            pixel_auroc(masks.numpy(), torch.cat((normal_maps, maps)).numpy()))
+
+
 class _TrainingStep(torch.nn.Module):
     """``training_loss`` as a forward pass, so DataParallel can split a batch
     over every visible GPU without the method knowing."""
@@ -218,6 +252,8 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
                progress: bool = True, calibration: Calibration | None = None
                ) -> list[dict[str, float]]:
     """Train for ``recipe.epochs``; returns the per-epoch history."""
+    check = (synthetic_check_set(val_set, geometry, seed)
+             if recipe.selection == "synthetic" and val_set is not None else None)
     optimizer, scheduler = build_optimizer(recipe, model.trainable_parameters())
     start_epoch, best_val, history = 0, float("inf"), []
     state_path = run_dir / STATE_FILE
@@ -257,21 +293,30 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
                             img_s=f"{seen / (time.perf_counter() - started):.1f}")
         scheduler.step()
         train_seconds = time.perf_counter() - started
-        val_score = float("nan")
+        val_score, judged = float("nan"), {}
         if val_set is not None:
             maps, scores = infer(model, geometry, val_set, batch_size=recipe.batch_size,
                                  device=device, progress=False)
-            model.train()
             val_score = float(scores.mean())
-        improved = not (val_score >= best_val)  # NaN (no validation) -> keep the latest
+            if check is not None:
+                image, pixel = synthetic_aurocs(model, geometry, check, maps, scores,
+                                                batch_size=recipe.batch_size, device=device)
+                judged = {"synthetic_image_auroc": image, "synthetic_pixel_auroc": pixel}
+            model.train()
+        # Lower is better; NaN (no validation) never beats anything, so the latest is kept.
+        criterion = {"val_score": val_score, "last": -float(epoch + 1),
+                     "synthetic": -sum(judged.values()) / 2 if judged else float("nan")
+                     }[recipe.selection]
+        improved = not (criterion >= best_val)
         if improved:
-            best_val = val_score if val_score == val_score else best_val
-            save_torch({"model": model.state_dict(), "epoch": epoch + 1, "val_score": val_score},
-                       run_dir / WEIGHTS_FILE)
+            best_val = criterion if criterion == criterion else best_val
+            save_torch({"model": model.state_dict(), "epoch": epoch + 1, "val_score": val_score,
+                        **judged}, run_dir / WEIGHTS_FILE)
             if calibration is not None and val_set is not None:
                 calibration.write(maps, scores, epoch + 1)
         history.append({"epoch": epoch + 1, "loss": total / max(seen, 1),
-                        "val_mean_score": val_score, "lr": optimizer.param_groups[0]["lr"],
+                        "val_mean_score": val_score, **judged,
+                        "lr": optimizer.param_groups[0]["lr"],
                         "seconds": round(time.perf_counter() - started, 3),
                         "train_images_per_second": round(seen / train_seconds, 3),
                         "best": improved})

@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+SELECTION_RULES = ("val_score", "last", "synthetic")
+
 
 @dataclass
 class Recipe:
@@ -27,7 +29,16 @@ class Recipe:
     weight_decay: float = 1e-4
     lr_milestones: tuple[float, ...] = ()  # fractions of the epochs at which lr *= lr_gamma
     lr_gamma: float = 0.1
+    # Which epoch's weights become model.pt, judged on held-out normals only:
+    # "val_score" lowest mean score (STPM), "last" the final epoch (DRAEM's
+    # code), "synthetic" best AUROC on synthetic anomalies pasted into them.
+    selection: str = "val_score"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.selection not in SELECTION_RULES:
+            raise ValueError(f"unknown selection {self.selection!r}: "
+                             f"{', '.join(SELECTION_RULES)}")
 
     def updated(self, **overrides: Any) -> Recipe:
         """A copy with the non-None overrides applied (unknown names are an error)."""

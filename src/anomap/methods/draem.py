@@ -222,7 +222,8 @@ class DRAEM(AnomalyModel):
     @classmethod
     def default_recipe(cls) -> Recipe:
         return Recipe(epochs=700, batch_size=8, image_size=256, optimizer="adam", lr=1e-4,
-                      weight_decay=0.0, lr_milestones=(0.8, 0.9), lr_gamma=0.2)
+                      weight_decay=0.0, lr_milestones=(0.8, 0.9), lr_gamma=0.2,
+                      selection="last")
 
     @classmethod
     def cpu_recipe(cls) -> Recipe:

@@ -8,9 +8,11 @@ Perlin-noise mask (:mod:`anomap.synth.perlin`) and blended with the image:
     I_a = I * (1 - M) + (1 - beta) * A * M + beta * I * M,  beta ~ U[0, 0.8)
 
 Half of the samples stay clean (mask all zero), so the model also learns that
-a normal image has nothing to find. Everything is batched torch on the images'
-device; random draws come from torch's global RNG (seeded by the training loop)
-or an explicit ``generator``.
+a normal image has nothing to find. On grayscale images (three equal
+channels) the texture is reduced to its luma: a colour anomaly on a grey part
+would teach "colour means defect", which no real grey defect shows.
+Everything is batched torch on the images' device; random draws come from
+torch's global RNG (seeded by the training loop) or an explicit ``generator``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from anomap.synth.augment import AUGMENTATIONS, random_augment, random_rotate, rotate
+from anomap.synth.augment import AUGMENTATIONS, luma, random_augment, random_rotate, rotate
 from anomap.synth.perlin import perlin_mask, perlin_noise
 from anomap.synth.sources import (
     AnomalySource,
@@ -45,6 +47,14 @@ def blend(images: torch.Tensor, textures: torch.Tensor, masks: torch.Tensor,
     if b.dim() == 1:
         b = b[:, None, None, None]
     return images * (1 - masks) + (1 - b) * textures * masks + b * images * masks
+
+
+def is_grayscale(images: torch.Tensor, tolerance: float = 1.5 / 255) -> torch.Tensor:
+    """(B,) bool: the sample's channels are equal (a grey photo read as RGB)."""
+    if images.shape[1] == 1:
+        return torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+    spread = images.amax(dim=1) - images.amin(dim=1)
+    return spread.flatten(1).amax(dim=1) <= tolerance
 
 
 def synthesize(images: torch.Tensor, source: AnomalySource, *, p_anomaly: float = 0.5,
@@ -70,6 +80,9 @@ def synthesize(images: torch.Tensor, source: AnomalySource, *, p_anomaly: float 
     textures = random_augment(textures, n_augment, generator=generator).to(images.dtype)
     mask = perlin_mask(k, h, w, generator=generator, device=device).to(images.dtype)
     index = anomalous.to(device)
+    gray = is_grayscale(images[index])
+    if gray.any():
+        textures[gray] = luma(textures[gray]).expand(-1, textures.shape[1], -1, -1)
     out[index] = blend(images[index], textures, mask, beta)
     masks[index] = mask
     return out, masks
@@ -112,6 +125,6 @@ def write_sample_grid(images: torch.Tensor, source: AnomalySource, path: str | P
 
 __all__ = [
     "AUGMENTATIONS", "AnomalySource", "ImageSource", "MixedSource", "ProceduralSource", "blend",
-    "make_anomaly_source", "perlin_mask", "perlin_noise", "random_augment", "random_rotate",
-    "rotate", "skimage_source", "synthesize", "write_sample_grid",
+    "is_grayscale", "make_anomaly_source", "perlin_mask", "perlin_noise", "random_augment",
+    "random_rotate", "rotate", "skimage_source", "synthesize", "write_sample_grid",
 ]
