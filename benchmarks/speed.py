@@ -43,8 +43,7 @@ def best_time(fn: Callable[[], object], repeats: int = 3, slow_seconds: float = 
     """Fastest of ``repeats`` timed calls after a warm-up; one call when it is slow."""
     started = time.perf_counter()
     fn()  # warm-up
-    times = [time.perf_counter() - started]
-    if times[0] > slow_seconds:
+    if time.perf_counter() - started > slow_seconds:
         repeats = 1
     times = []
     for _ in range(repeats):

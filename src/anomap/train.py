@@ -202,14 +202,17 @@ def synthetic_check_set(val_set: LoadedSet, geometry: Geometry, seed: int,
     evaluation frame. Images whose anomaly fell on letterbox padding only are
     dropped."""
     generator = torch.Generator().manual_seed(seed + 7919)
+    textures = make_anomaly_source(source, geometry.size)
+    images, masks = [], []
     with torch.no_grad():
-        images, masks = synthesize(to_float(val_set.images),
-                                   make_anomaly_source(source, geometry.size),
-                                   p_anomaly=1.0, generator=generator)
-    restored = geometry.restore(masks[:, 0], val_set.boxes) > 0.5
+        for start in range(0, len(val_set), 64):  # in chunks: float copies of a big set add up
+            batch, mask = synthesize(to_float(val_set.images[start:start + 64]), textures,
+                                     p_anomaly=1.0, generator=generator)
+            images.append(batch.mul_(255.0).add_(0.5).to(torch.uint8))
+            masks.append(geometry.restore(mask[:, 0], val_set.boxes[start:start + 64]) > 0.5)
+    restored = torch.cat(masks)
     keep = restored.flatten(1).any(dim=1).nonzero().flatten().tolist()
-    return LoadedSet(samples=[val_set.samples[i] for i in keep],
-                     images=images[keep].mul(255.0).add_(0.5).to(torch.uint8),
+    return LoadedSet(samples=[val_set.samples[i] for i in keep], images=torch.cat(images)[keep],
                      boxes=[val_set.boxes[i] for i in keep], masks=restored[keep], skipped=[])
 
 
@@ -303,7 +306,7 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
                                                 batch_size=recipe.batch_size, device=device)
                 judged = {"synthetic_image_auroc": image, "synthetic_pixel_auroc": pixel}
             model.train()
-        # Lower is better; NaN (no validation) never beats anything, so the latest is kept.
+        # Lower is better; NaN (no validation) always counts as better: the latest is kept.
         criterion = {"val_score": val_score, "last": -float(epoch + 1),
                      "synthetic": -sum(judged.values()) / 2 if judged else float("nan")
                      }[recipe.selection]
