@@ -31,7 +31,7 @@ def _add_data_args(parser: argparse.ArgumentParser, required: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from anomap.methods import METHODS
+    from anomap.methods import METHODS, SELECTION_RULES
 
     parser = argparse.ArgumentParser(
         prog="anomap", description="Unsupervised visual anomaly detection and localization.")
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--anomaly-source",
                        help="DRAEM: folder of texture images (e.g. DTD), or builtin, "
                             "procedural, skimage (default: builtin, offline)")
-    train.add_argument("--selection", choices=["val_score", "last", "synthetic"],
+    train.add_argument("--selection", choices=SELECTION_RULES,
                        help="which epoch becomes model.pt, judged on held-out normals: lowest "
                             "mean score, the last, or best AUROC on synthetic anomalies pasted "
                             "into them (default: the method's recipe)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from anomap.methods.base import AnomalyModel, Recipe
+from anomap.methods.base import SELECTION_RULES, AnomalyModel, Recipe
 from anomap.methods.draem import DRAEM
 from anomap.methods.stpm import STPM
 
@@ -25,4 +25,4 @@ def build_model(name: str, **config: Any) -> AnomalyModel:
     return cls(**merged)
 
 
-__all__ = ["METHODS", "AnomalyModel", "Recipe", "build_model", "get_method"]
+__all__ = ["METHODS", "SELECTION_RULES", "AnomalyModel", "Recipe", "build_model", "get_method"]
