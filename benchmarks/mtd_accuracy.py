@@ -18,6 +18,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,12 +29,39 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA = ROOT.parents[1] / "shared" / "data" / "mtd"
 
 
+def machine_info() -> dict[str, object]:
+    """Where a number was measured, stored next to it."""
+    return {"cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available()
+            else platform.processor() or "cpu"}
+
+
+def training_time(history: list[dict[str, Any]]) -> dict[str, float]:
+    """Training seconds summed over epochs (a resumed run counts every epoch once)
+    and ms per training image at the fastest epoch (the least disturbed one)."""
+    return {"train_seconds": round(sum(float(h["seconds"]) for h in history), 1),
+            "train_ms_per_image": round(1000 / max(float(h["train_images_per_second"])
+                                                   for h in history), 1)}
+
+
+def save_result(record: dict[str, Any]) -> Path:
+    """results/<name>.json, with the machine it was measured on."""
+    out = ROOT / "results" / f"{record['name']}.json"
+    out.write_text(json.dumps({**record, "machine": machine_info()}, indent=2) + "\n")
+    print(json.dumps(record["metrics"], indent=2))
+    print(f"wrote {out}")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", required=True)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--model", default="stpm")
     parser.add_argument("--backbone", default=None)
+    parser.add_argument("--strides", type=int, nargs="+", default=None,
+                        help="STPM pyramid levels (default: the method's, 4 8 16)")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--image-size", type=int, default=None)
@@ -53,8 +81,9 @@ def main() -> None:
 
     run = args.runs / args.name
     started = time.perf_counter()
-    trained = fit(args.model, args.data, run, model_config={"backbone": args.backbone,
-                                             "anomaly_source": args.anomaly_source},
+    model_config = {"backbone": args.backbone, "anomaly_source": args.anomaly_source,
+                    "strides": args.strides}  # None: the method's default
+    trained = fit(args.model, args.data, run, model_config=model_config,
                   recipe_overrides={"epochs": args.epochs, "batch_size": args.batch_size,
                                     "image_size": args.image_size,
                                     "selection": args.selection},
@@ -75,21 +104,11 @@ def main() -> None:
         "per_defect_type_image_auroc": result["per_defect_type"],
         "best_epoch": trained["best_epoch"],
         "epochs": config["recipe"]["epochs"],
-        # summed over epochs, so a resumed run counts every epoch once
-        "train_seconds": round(sum(h["seconds"] for h in history), 1),
         "wall_seconds_this_call": round(train_seconds, 1),
-        "train_ms_per_image": round(1000 / max(h["train_images_per_second"] for h in history)
-                                    , 1),
+        **training_time(history),
         "config": config,
-        "machine": {"cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
-                    "torch": torch.__version__,
-                    "device": torch.cuda.get_device_name() if torch.cuda.is_available()
-                    else platform.processor() or "cpu"},
     }
-    out = ROOT / "results" / f"{args.name}.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(record["metrics"], indent=2))
-    print(f"wrote {out}")
+    save_result(record)
 
 
 if __name__ == "__main__":

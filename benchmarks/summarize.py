@@ -16,10 +16,11 @@ def _fmt(value: object) -> str:
 
 
 def _model(config: dict) -> str:
-    """What distinguishes the network: the backbone, or DRAEM's widths and texture source."""
+    """What distinguishes the network: the backbone and its pyramid levels, or DRAEM's
+    widths and texture source."""
     model = config["model"]
     if "backbone" in model:
-        return str(model["backbone"])
+        return f"{model['backbone']}, strides {'/'.join(map(str, model['strides']))}"
     return (f"widths {model['base_width']}/{model['disc_base_width']}, "
             f"source {model.get('anomaly_source') or 'builtin'}")
 

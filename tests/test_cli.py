@@ -7,10 +7,12 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from anomap.cli import main
+from anomap.run import Detector
 
 
 def test_predict_scores_files_and_folders_and_reports_corrupt_ones(
@@ -94,3 +96,18 @@ def test_samples_grid_and_method_options(toy_data: Path, tmp_path: Path,
                  str(tmp_path / "r"), "--anomaly-source", "builtin"]) == 2
     err = capsys.readouterr().err
     assert "stpm has no option anomaly_source" in err and "backbone" in err
+    assert main(["train", "--model", "draem", "--data", str(toy_data), "--out",
+                 str(tmp_path / "r"), "--strides", "8", "16"]) == 2
+    assert "draem has no option strides" in capsys.readouterr().err
+
+
+def test_train_with_other_pyramid_levels(toy_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(toy_data), "--out", str(run), "--epochs", "1",
+                 "--batch-size", "8", "--image-size", "64", "--strides", "8", "16", "32",
+                 "--device", "cpu", "--no-progress"]) == 0
+    assert json.loads((run / "config.json").read_text())["model"]["strides"] == [8, 16, 32]
+    detector = Detector.load(run, "cpu")
+    assert detector.model.teacher.out_strides == detector.model.student.out_strides == (8, 16,
+                                                                                        32)
+    assert detector.predict(np.zeros((40, 70), dtype=np.uint8))[0].anomaly_map.shape == (40, 70)

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float)
     train.add_argument("--backbone", help="e.g. efficientnet_lite0 (offline default), resnet18")
     train.add_argument("--weights", help="teacher weights: 'imagenet' (default) or a .pth file")
+    train.add_argument("--strides", type=int, nargs="+",
+                       help="STPM: feature-pyramid levels as strides (default 4 8 16, the "
+                            "paper's; 8 16 32 suits large, low-contrast defects, see README)")
     train.add_argument("--preset", default="auto",
                        help="recipe: paper (faithful), cpu (methods too heavy for a CPU), "
                             "auto = paper on a GPU, cpu on a CPU")
@@ -128,7 +131,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = fit(args.model, args.data, args.out,
                      model_config={"backbone": args.backbone, "weights": args.weights,
-                                   "anomaly_source": args.anomaly_source},
+                                   "anomaly_source": args.anomaly_source,
+                                   "strides": args.strides},
                      recipe_overrides=recipe, resize_mode=args.resize_mode,
                      defect_dir=args.defect_dir, mask_dir=args.mask_dir,
                      test_normal_dir=args.test_normal_dir, val_fraction=args.val_fraction,
