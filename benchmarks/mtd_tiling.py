@@ -32,7 +32,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from anomap import metrics
-from anomap.data import Geometry, Sample, discover, load_image, load_mask
+from anomap.data import Geometry, Sample, discover, load_image, load_mask, to_float
 from anomap.evaluate import per_defect_type_auroc
 from anomap.run import Detector
 from anomap.train import fit
@@ -87,7 +87,7 @@ def score_photo(detector: Detector, windows: Windows, image: Image.Image
     """Image score and the stitched map of the photo (its scaled size, no padding)."""
     array, (top, left, height, width) = windows.prepare(image)
     corners = windows.corners(array.shape)
-    batch = torch.from_numpy(np.stack(windows.cut(array))).permute(0, 3, 1, 2).float() / 255.0
+    batch = to_float(torch.from_numpy(np.stack(windows.cut(array))).permute(0, 3, 1, 2))
     maps, _ = detector.maps_and_scores(batch)
     total = torch.zeros(array.shape[:2])
     count = torch.zeros(array.shape[:2])
