@@ -62,6 +62,8 @@ def main() -> None:
     parser.add_argument("--backbone", default=None)
     parser.add_argument("--strides", type=int, nargs="+", default=None,
                         help="STPM pyramid levels (default: the method's, 4 8 16)")
+    parser.add_argument("--score-window", type=int, default=None,
+                        help="image score window (default: the method's; see README)")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--image-size", type=int, default=None)
@@ -82,7 +84,8 @@ def main() -> None:
     run = args.runs / args.name
     started = time.perf_counter()
     model_config = {"backbone": args.backbone, "anomaly_source": args.anomaly_source,
-                    "strides": args.strides}  # None: the method's default
+                    "strides": args.strides,
+                    "score_window": args.score_window}  # None: the method's default
     trained = fit(args.model, args.data, run, model_config=model_config,
                   recipe_overrides={"epochs": args.epochs, "batch_size": args.batch_size,
                                     "image_size": args.image_size,

@@ -78,8 +78,25 @@ def speed_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def score_window_table() -> str:
+    """Image AUROC per image-score window, one row per trained run
+    (``benchmarks/score_window.py``)."""
+    lines: list[str] = []
+    for path in sorted((RESULTS / "diagnostics").glob("score_window*.json")):
+        for run, entry in json.loads(path.read_text())["runs"].items():
+            windows = entry["windows"]
+            if not lines:
+                lines = ["| data | run | " + " | ".join(f"window {w}" for w in windows)
+                         + " | 21 vs 1 |", "|---|---|" + "---|" * (len(windows) + 1)]
+            values = {w: v["image_auroc"] for w, v in windows.items()}
+            gain = (f"{values['21'] - values['1']:+.3f}" if {"1", "21"} <= set(values) else "")
+            lines.append(f"| {path.stem.removeprefix('score_window_')} | {run} | "
+                         + " | ".join(_fmt(v) for v in values.values()) + f" | {gain} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     speed = [speed_table(path) for path in sorted(RESULTS.glob("speed*.json"))]
-    for table in (accuracy_table(), per_type_table(), *speed):
+    for table in (accuracy_table(), per_type_table(), score_window_table(), *speed):
         if table:
             print(table, end="\n\n")

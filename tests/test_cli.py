@@ -101,12 +101,15 @@ def test_samples_grid_and_method_options(toy_data: Path, tmp_path: Path,
     assert "draem has no option strides" in capsys.readouterr().err
 
 
-def test_train_with_other_pyramid_levels(toy_data: Path, tmp_path: Path) -> None:
+def test_train_with_other_pyramid_levels_and_score_window(toy_data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert main(["train", "--data", str(toy_data), "--out", str(run), "--epochs", "1",
                  "--batch-size", "8", "--image-size", "64", "--strides", "8", "16", "32",
+                 "--score-window", "5",
                  "--device", "cpu", "--no-progress"]) == 0
-    assert json.loads((run / "config.json").read_text())["model"]["strides"] == [8, 16, 32]
+    model_config = json.loads((run / "config.json").read_text())["model"]
+    assert model_config["strides"] == [8, 16, 32] and model_config["score_window"] == 5
+    assert Detector.load(run, "cpu").model.config["score_window"] == 5
     detector = Detector.load(run, "cpu")
     assert detector.model.teacher.out_strides == detector.model.student.out_strides == (8, 16,
                                                                                         32)

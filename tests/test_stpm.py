@@ -40,6 +40,17 @@ def test_map_is_product_of_levels_and_score_is_max() -> None:
     assert torch.allclose(scores, maps.flatten(1).amax(1))
 
 
+def test_score_window_scores_the_hottest_region_not_the_hottest_pixel() -> None:
+    model = build_model("stpm", weights="random", score_window=3)
+    maps = torch.zeros(2, 8, 8)
+    maps[0, 4, 4] = 0.9  # one hot pixel
+    maps[1, 1:4, 1:4] = 0.2  # a warm 3x3 region
+    torch.testing.assert_close(model.image_score(maps), torch.tensor([0.1, 0.2]))
+    assert model.image_score(maps).argmax() == 1  # the plain max would rank them the other way
+    with pytest.raises(ValueError, match="positive odd"):
+        build_model("stpm", weights="random", score_window=4)
+
+
 def test_trained_stpm_finds_the_toy_defects(trained_run: Path) -> None:
     result = evaluate_run(trained_run, device="cpu", progress=False)
     assert result["image_auroc"] > 0.9, result

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--strides", type=int, nargs="+",
                        help="STPM: feature-pyramid levels as strides (default 4 8 16, the "
                             "paper's; 8 16 32 suits large, low-contrast defects, see README)")
+    train.add_argument("--score-window", type=int,
+                       help="image score = max of the map after a KxK mean filter (odd K; "
+                            "default: the method's, STPM 1 = plain max, DRAEM 21)")
     train.add_argument("--preset", default="auto",
                        help="recipe: paper (faithful), cpu (methods too heavy for a CPU), "
                             "auto = paper on a GPU, cpu on a CPU")
@@ -132,7 +135,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = fit(args.model, args.data, args.out,
                      model_config={"backbone": args.backbone, "weights": args.weights,
                                    "anomaly_source": args.anomaly_source,
-                                   "strides": args.strides},
+                                   "strides": args.strides,
+                                   "score_window": args.score_window},
                      recipe_overrides=recipe, resize_mode=args.resize_mode,
                      defect_dir=args.defect_dir, mask_dir=args.mask_dir,
                      test_normal_dir=args.test_normal_dir, val_fraction=args.val_fraction,

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 SELECTION_RULES = ("val_score", "last", "synthetic")
@@ -63,6 +64,10 @@ class AnomalyModel(nn.Module):
 
     def __init__(self, **config: Any) -> None:
         super().__init__()
+        window = config.get("score_window", 1)
+        if not isinstance(window, int) or window < 1 or window % 2 == 0:
+            raise ValueError(f"score_window must be a positive odd number of pixels, "
+                             f"got {window!r}")
         self.config: dict[str, Any] = dict(config)
 
     @classmethod
@@ -106,7 +111,12 @@ class AnomalyModel(nn.Module):
         raise NotImplementedError
 
     def image_score(self, maps: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) maps in the photo's frame -> (B,) image scores."""
+        """(B, H, W) maps in the photo's frame -> (B,) image scores: the max of
+        the map after a ``score_window`` x ``score_window`` mean filter (1 = the
+        plain max). A window makes one hot pixel count less than a hot region."""
+        window = self.config.get("score_window", 1)
+        if window > 1:
+            maps = F.avg_pool2d(maps[:, None], window, stride=1, padding=window // 2)
         return maps.flatten(1).amax(dim=1)
 
     def trainable_parameters(self) -> list[nn.Parameter]:

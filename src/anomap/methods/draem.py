@@ -296,11 +296,6 @@ class DRAEM(AnomalyModel):
             _, logits = self._networks(images)
         return logits.softmax(dim=1)[:, 1]
 
-    def image_score(self, maps: torch.Tensor) -> torch.Tensor:
-        k = self.config["score_window"]
-        pooled = F.avg_pool2d(maps[:, None], k, stride=1, padding=k // 2)
-        return pooled.flatten(1).amax(dim=1)
-
     def write_training_samples(self, images: torch.Tensor, path: str | Path, n: int = 8
                                ) -> Path:
         """A PNG of normal | synthetic anomaly | mask rows, from this model's source."""

@@ -36,9 +36,11 @@ class STPM(AnomalyModel):
     name = "stpm"
 
     def __init__(self, backbone: str = "efficientnet_lite0", weights: str | None = "imagenet",
-                 strides: tuple[int, ...] | list[int] = (4, 8, 16), **config: Any) -> None:
+                 strides: tuple[int, ...] | list[int] = (4, 8, 16), score_window: int = 1,
+                 **config: Any) -> None:
         strides = tuple(strides)
-        super().__init__(backbone=backbone, weights=weights, strides=list(strides), **config)
+        super().__init__(backbone=backbone, weights=weights, strides=list(strides),
+                         score_window=int(score_window), **config)
         self.teacher = create_backbone(backbone, out_strides=strides, weights=weights)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
@@ -51,7 +53,8 @@ class STPM(AnomalyModel):
 
     @classmethod
     def default_config(cls) -> dict[str, Any]:
-        return {"backbone": "efficientnet_lite0", "weights": "imagenet", "strides": [4, 8, 16]}
+        return {"backbone": "efficientnet_lite0", "weights": "imagenet", "strides": [4, 8, 16],
+                "score_window": 1}
 
     def train(self, mode: bool = True) -> STPM:
         """The teacher stays in eval mode: its BatchNorm statistics are ImageNet's."""

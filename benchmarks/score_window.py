@@ -1,0 +1,69 @@
+"""Image-score windows on trained runs: how the image AUROC moves when the score
+is the max of the anomaly map after a KxK mean filter instead of the plain max.
+
+The maps are computed once per run; only the score changes, so pixel AUROC and
+AUPRO are unaffected and no training is needed. This reads the *test* split:
+it is an analysis of a choice (``--score-window``), reported next to the
+recipe's default, not a way to pick a default for one dataset.
+
+    python benchmarks/score_window.py --runs RUN_DIR... --windows 1 5 11 21 41
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from mtd_accuracy import save_result
+
+from anomap import metrics
+from anomap.data import discover, load_set
+from anomap.evaluate import infer
+from anomap.run import Detector
+
+
+def window_aurocs(run_dir: Path, windows: list[int]) -> dict[str, object]:
+    """Image AUROC overall and per defect type for each window, on one run's test split."""
+    detector = Detector.load(run_dir, "cpu")
+    data = detector.config["data"]
+    spec = discover(data["root"], defect_dir=data.get("defect_dir"),
+                    mask_dir=data.get("mask_dir"), test_normal_dir=data.get("test_normal_dir"))
+    test = load_set(spec.test, detector.geometry, with_masks=False)
+    maps, _ = infer(detector.model, detector.geometry, test)
+    labels = np.asarray(test.labels)
+    types = np.array([sample.defect_type for sample in test.samples])
+    normal = labels == 0
+    result: dict[str, object] = {"command": detector.config.get("command", ""), "windows": {}}
+    for window in windows:
+        detector.model.config["score_window"] = window
+        with torch.no_grad():
+            scores = detector.model.image_score(maps).double().numpy()
+        per_type = {kind: round(metrics.image_auroc(labels[normal | (types == kind)],
+                                                    scores[normal | (types == kind)]), 4)
+                    for kind in map(str, sorted(set(types[~normal])))}
+        result["windows"][str(window)] = {"image_auroc": round(metrics.image_auroc(labels, scores),
+                                                               4),
+                                          "per_defect_type_image_auroc": per_type}
+        print(f"{run_dir.name}  window {window:3d}  image AUROC "
+              f"{result['windows'][str(window)]['image_auroc']:.4f}  {per_type}")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders")
+    parser.add_argument("--windows", type=int, nargs="+", default=[1, 5, 11, 21, 41])
+    parser.add_argument("--name", default="diagnostics/score_window",
+                        help="results/<name>.json")
+    args = parser.parse_args()
+    runs = {run.name: window_aurocs(run, args.windows) for run in args.runs}
+    save_result({"name": args.name, "metrics": {}, "runs": runs,
+                 "command": "python benchmarks/score_window.py --runs "
+                            + " ".join(str(run) for run in args.runs)
+                            + " --windows " + " ".join(map(str, args.windows))})
+
+
+if __name__ == "__main__":
+    main()
