@@ -7,11 +7,14 @@ it is an analysis of a choice (``--score-window``), reported next to the
 recipe's default, not a way to pick a default for one dataset.
 
     python benchmarks/score_window.py --runs RUN_DIR... --windows 1 5 11 21 41
+
+Runs already in the results file are kept, so a new run adds a row.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -58,11 +61,15 @@ def main() -> None:
     parser.add_argument("--name", default="diagnostics/score_window",
                         help="results/<name>.json")
     args = parser.parse_args()
-    runs = {run.name: window_aurocs(run, args.windows) for run in args.runs}
-    save_result({"name": args.name, "metrics": {}, "runs": runs,
-                 "command": "python benchmarks/score_window.py --runs "
-                            + " ".join(str(run) for run in args.runs)
-                            + " --windows " + " ".join(map(str, args.windows))})
+    command = ("python benchmarks/score_window.py --name " + args.name + " --runs "
+               + " ".join(str(run) for run in args.runs)
+               + " --windows " + " ".join(map(str, args.windows)))
+    # runs scored earlier into the same file are kept: a new run adds a row
+    out = Path(__file__).resolve().parent / "results" / f"{args.name}.json"
+    runs = json.loads(out.read_text())["runs"] if out.is_file() else {}
+    for run in args.runs:
+        runs[run.name] = {**window_aurocs(run, args.windows), "score_command": command}
+    save_result({"name": args.name, "metrics": {}, "runs": runs})
 
 
 if __name__ == "__main__":
