@@ -45,9 +45,13 @@ def training_time(history: list[dict[str, Any]]) -> dict[str, float]:
                                                    for h in history), 1)}
 
 
+def result_path(name: str) -> Path:
+    return ROOT / "results" / f"{name}.json"
+
+
 def save_result(record: dict[str, Any]) -> Path:
     """results/<name>.json, with the machine it was measured on."""
-    out = ROOT / "results" / f"{record['name']}.json"
+    out = result_path(record["name"])
     out.write_text(json.dumps({**record, "machine": machine_info()}, indent=2) + "\n")
     print(json.dumps(record["metrics"], indent=2))
     print(f"wrote {out}")

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from mtd_accuracy import save_result
+from mtd_accuracy import result_path, save_result
 
 from anomap import metrics
 from anomap.data import discover, load_set
-from anomap.evaluate import infer
+from anomap.evaluate import infer, per_defect_type_auroc
 from anomap.run import Detector
 
 
@@ -36,16 +36,13 @@ def window_aurocs(run_dir: Path, windows: list[int]) -> dict[str, object]:
     test = load_set(spec.test, detector.geometry, with_masks=False)
     maps, _ = infer(detector.model, detector.geometry, test)
     labels = np.asarray(test.labels)
-    types = np.array([sample.defect_type for sample in test.samples])
-    normal = labels == 0
     result: dict[str, object] = {"command": detector.config.get("command", ""), "windows": {}}
-    for window in windows:
+    for window in windows:  # only the score changes: set it on the loaded model
         detector.model.config["score_window"] = window
         with torch.no_grad():
             scores = detector.model.image_score(maps).double().numpy()
-        per_type = {kind: round(metrics.image_auroc(labels[normal | (types == kind)],
-                                                    scores[normal | (types == kind)]), 4)
-                    for kind in map(str, sorted(set(types[~normal])))}
+        per_type = {kind: round(value, 4)
+                    for kind, value in per_defect_type_auroc(test.samples, scores).items()}
         result["windows"][str(window)] = {"image_auroc": round(metrics.image_auroc(labels, scores),
                                                                4),
                                           "per_defect_type_image_auroc": per_type}
@@ -65,7 +62,7 @@ def main() -> None:
                + " ".join(str(run) for run in args.runs)
                + " --windows " + " ".join(map(str, args.windows)))
     # runs scored earlier into the same file are kept: a new run adds a row
-    out = Path(__file__).resolve().parent / "results" / f"{args.name}.json"
+    out = result_path(args.name)
     runs = json.loads(out.read_text())["runs"] if out.is_file() else {}
     for run in args.runs:
         runs[run.name] = {**window_aurocs(run, args.windows), "score_command": command}
