@@ -1,10 +1,10 @@
 """Speed benchmark: inference and training of each method on this machine's CPU (or GPU).
 
-Measures, at 256x256, for each model spec (``stpm:<backbone>``, ``draem:<preset>``):
-- model-only images/s at batch 1 and at the recipe's batch size: anomaly map
-  + score on ready tensors;
-- end-to-end images/s at the same batch sizes: JPEG decode, letterbox resize,
-  model, map back to the photo frame, score, via :class:`anomap.Detector`;
+Measures, at 256x256, for each model spec (``stpm:<backbone>``, ``draem:<preset>``),
+in float32 and in bfloat16 (``--precision bf16``), at batch 1, 8 and the recipe's:
+- model-only images/s: anomaly map + score on ready tensors;
+- end-to-end images/s: JPEG decode, letterbox resize, model, map back to the
+  photo frame, score, via :class:`anomap.Detector`;
 - training ms per image and samples/s at the recipe's batch size (forward,
   backward, optimiser step; for DRAEM also the synthetic-anomaly generation);
 - for methods trained on synthetic anomalies, the generator alone (samples/s);
@@ -25,6 +25,7 @@ import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -71,35 +72,51 @@ def build(spec: str) -> tuple[AnomalyModel, Recipe]:
     return build_model(method, **config), recipe
 
 
-def measure(spec: str, paths: list[Path], geometry: Geometry, device: torch.device
-            ) -> dict[str, float | int]:
-    """All figures for one model spec."""
+def measure_inference(model: AnomalyModel, paths: list[Path], geometry: Geometry,
+                      device: torch.device, precision: str, batch: int, flops: float
+                      ) -> dict[str, float | int | str]:
+    """Model-only and end-to-end images/s of one precision at one batch size."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    detector = Detector(model, geometry, threshold=1.0, display_range=(0.0, 1.0),
+                        precision=precision)
+    fast = detector.model
+    images = torch.rand(batch, 3, geometry.size, geometry.size, device=device)
+
+    def model_only() -> None:
+        with torch.inference_mode():
+            fast.image_score(fast.anomaly_map(images))
+        sync()
+
+    seconds = best_time(model_only, 10 if batch == 1 else 3)
+    entry: dict[str, float | int | str] = {
+        "precision": precision, "batch": batch,
+        "model_images_per_second": round(batch / seconds, 2)}
+    # at least 2 batches, and at least 2 s of model work per timed call
+    n = min(len(paths), max(2 * batch, int(2.0 / seconds * batch) // batch * batch))
+    seconds = best_time(lambda: detector.predict(paths[:n], batch_size=batch), 2)
+    entry["end_to_end_images_per_second"] = round(n / seconds, 2)
+    for kind in ("model", "end_to_end"):
+        entry[f"{kind}_gflop_per_second"] = round(
+            float(entry[f"{kind}_images_per_second"]) * flops / 1e9, 2)
+    return entry
+
+
+def measure(spec: str, paths: list[Path], geometry: Geometry, device: torch.device,
+            precisions: list[str], batches: list[int]) -> dict[str, Any]:
+    """All figures for one model spec: inference at every precision and batch
+    size (plus the recipe's), then training."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     size = geometry.size
     model, recipe = build(spec)
     model = model.to(device)
     batch = recipe.batch_size
-    detector = Detector(model, geometry, threshold=1.0, display_range=(0.0, 1.0))
-    fast = detector.model
-    flops = flops_per_image(fast, size, device)
-    entry: dict[str, float | int] = {"gflops_per_image": round(flops / 1e9, 3), "batch": batch}
-    for b in (1, batch):
-        images = torch.rand(b, 3, size, size, device=device)
-
-        def model_only(images: torch.Tensor = images) -> None:
-            with torch.inference_mode():
-                fast.image_score(fast.anomaly_map(images))
-            sync()
-
-        seconds = best_time(model_only, 10 if b == 1 else 3)
-        entry[f"model_images_per_second_b{b}"] = round(b / seconds, 2)
-        # at least 2 batches, and at least 2 s of model work per timed call
-        n = min(len(paths), max(2 * b, int(2.0 / seconds * b) // b * b))
-        seconds = best_time(lambda n=n, b=b: detector.predict(paths[:n], batch_size=b), 2)
-        entry[f"end_to_end_images_per_second_b{b}"] = round(n / seconds, 2)
-        for kind in ("model", "end_to_end"):
-            ips = entry[f"{kind}_images_per_second_b{b}"]
-            entry[f"{kind}_gflop_per_second_b{b}"] = round(ips * flops / 1e9, 2)
+    flops = flops_per_image(model.eval(), size, device)
+    entry: dict[str, Any] = {"gflops_per_image": round(flops / 1e9, 3), "inference": []}
+    for precision in precisions:
+        for b in sorted({*batches, batch}):
+            entry["inference"].append(
+                measure_inference(model, paths, geometry, device, precision, b, flops))
+            print(spec, json.dumps(entry["inference"][-1]), flush=True)
     model.train()
     optimizer, _ = build_optimizer(recipe, model.trainable_parameters())
     images = torch.rand(batch, 3, size, size, device=device)
@@ -112,8 +129,8 @@ def measure(spec: str, paths: list[Path], geometry: Geometry, device: torch.devi
         sync()
 
     seconds = best_time(train_step, 3)
-    entry[f"train_ms_per_image_b{batch}"] = round(seconds / batch * 1000, 1)
-    entry["train_samples_per_second"] = round(batch / seconds, 3)
+    entry.update(train_batch=batch, train_ms_per_image=round(seconds / batch * 1000, 1),
+                 train_samples_per_second=round(batch / seconds, 3))
     if "anomaly_source" in model.config:  # trained on synthetic anomalies
         source = make_anomaly_source(model.config["anomaly_source"], size)
         synthesize(images, source)  # warm-up (the source decodes its photos once)
@@ -134,6 +151,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--n-images", type=int, default=64)
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"],
+                        choices=["fp32", "bf16"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8],
+                        help="inference batch sizes (the recipe's is always added)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "speed.json")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -147,13 +168,12 @@ def main() -> None:
     if record.get("size") not in (None, args.size):
         record["results"] = {}  # never mix sizes in one file
     for spec in args.models:
-        entry = measure(spec, paths, geometry, device)
+        entry = measure(spec, paths, geometry, device, args.precisions, args.batches)
         entry["command"] = " ".join(
             ["python benchmarks/speed.py --models", spec]
             + ([f"--size {args.size}"] if args.size != 256 else [])
             + ([f"--out {args.out}"] if args.out != ROOT / "results" / "speed.json" else []))
         record["results"][spec] = entry
-        print(spec, json.dumps(entry))
     record.update({
         "size": args.size,
         "device": (torch.cuda.get_device_name() if device.type == "cuda"

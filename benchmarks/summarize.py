@@ -58,23 +58,25 @@ def per_type_table() -> str:
 
 
 def speed_table(path: Path) -> str:
+    """Inference rows (model x precision x batch), then one training row per model."""
     record = json.loads(path.read_text())
     lines = [f"Device: {record['device']}, {record['size']}x{record['size']}", "",
-             "| model | GFLOP/img | batch b | model img/s b1 | model img/s b | end-to-end img/s b1 "
-             "| end-to-end img/s b | GFLOP/s (e2e, b) | train ms/img (b) | train samples/s "
-             "| synthetic anomalies samples/s (p 0.5 / 1) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | GFLOP/img | precision | batch | model img/s | end-to-end img/s "
+             "| GFLOP/s (model / e2e) |", "|---|---|---|---|---|---|---|"]
     for name, e in record["results"].items():
-        b = e["batch"]
+        for row in e["inference"]:
+            lines.append(
+                f"| {name} | {e['gflops_per_image']} | {row['precision']} | {row['batch']} "
+                f"| {row['model_images_per_second']} | {row['end_to_end_images_per_second']} "
+                f"| {row['model_gflop_per_second']} / {row['end_to_end_gflop_per_second']} |")
+    lines += ["", "| model | train batch | train ms/img | train samples/s "
+              "| synthetic anomalies samples/s (p 0.5 / 1) |", "|---|---|---|---|---|"]
+    for name, e in record["results"].items():
         synth = (f"{e['synthesis_samples_per_second_p0.5']} / "
                  f"{e['synthesis_samples_per_second_p1.0']}"
                  if "synthesis_samples_per_second_p0.5" in e else "")
-        lines.append(
-            f"| {name} | {e['gflops_per_image']} | {b} | {e['model_images_per_second_b1']} "
-            f"| {e[f'model_images_per_second_b{b}']} | {e['end_to_end_images_per_second_b1']} "
-            f"| {e[f'end_to_end_images_per_second_b{b}']} "
-            f"| {e[f'end_to_end_gflop_per_second_b{b}']} | {e[f'train_ms_per_image_b{b}']} "
-            f"| {e['train_samples_per_second']} | {synth} |")
+        lines.append(f"| {name} | {e['train_batch']} | {e['train_ms_per_image']} "
+                     f"| {e['train_samples_per_second']} | {synth} |")
     return "\n".join(lines)
 
 
@@ -95,8 +97,27 @@ def score_window_table() -> str:
     return "\n".join(lines)
 
 
+def precision_table() -> str:
+    """float32 against bfloat16 on trained runs (``benchmarks/precision.py``)."""
+    lines: list[str] = []
+    for path in sorted((RESULTS / "diagnostics").glob("precision*.json")):
+        for run, e in json.loads(path.read_text())["runs"].items():
+            if not lines:
+                lines = ["| run | image AUROC fp32 / bf16 | pixel AUROC | AUPRO | F1-max "
+                         "| score change median / max | verdicts changed |",
+                         "|---|---|---|---|---|---|---|"]
+            pairs = [f"{e['fp32'][k]:.3f} / {e['bf16'][k]:.3f}"
+                     for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")]
+            change = e["score_relative_change"]
+            lines.append(f"| {run} | " + " | ".join(pairs)
+                         + f" | {change['median']:.1%} / {change['max']:.1%} "
+                         f"| {e['verdicts_changed']} of {e['n_images']} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     speed = [speed_table(path) for path in sorted(RESULTS.glob("speed*.json"))]
-    for table in (accuracy_table(), per_type_table(), score_window_table(), *speed):
+    for table in (accuracy_table(), per_type_table(), score_window_table(),
+                  precision_table(), *speed):
         if table:
             print(table, end="\n\n")

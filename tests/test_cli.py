@@ -111,6 +111,6 @@ def test_train_with_other_pyramid_levels_and_score_window(toy_data: Path, tmp_pa
     assert model_config["strides"] == [8, 16, 32] and model_config["score_window"] == 5
     assert Detector.load(run, "cpu").model.config["score_window"] == 5
     detector = Detector.load(run, "cpu")
-    assert detector.model.teacher.out_strides == detector.model.student.out_strides == (8, 16,
-                                                                                        32)
+    network = detector.model.method
+    assert network.teacher.out_strides == network.student.out_strides == (8, 16, 32)
     assert detector.predict(np.zeros((40, 70), dtype=np.uint8))[0].anomaly_map.shape == (40, 70)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from anomap import export
 from anomap.export import optimize_for_inference
 from anomap.methods import build_model
 
@@ -18,7 +20,7 @@ def test_folded_model_gives_the_same_maps() -> None:
             module.weight.data.uniform_(0.5, 1.5)
     fast = optimize_for_inference(model)
     # per network: stem 1 + layer1 4 + layer2 (4 + downsample 1) + layer3 (4 + 1) = 15
-    assert fast._fused_pairs == 2 * 15
+    assert fast.method._fused_pairs == 2 * 15
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
     images = torch.rand(2, 3, 96, 96)
     with torch.no_grad():
@@ -36,3 +38,39 @@ def test_efficientnet_lite_folds_every_pair() -> None:
     with torch.no_grad():
         torch.testing.assert_close(fast(images)[0], model(images)[0], rtol=1e-4, atol=1e-5)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+
+
+def test_bfloat16_maps_stay_close_to_float32() -> None:
+    torch.manual_seed(0)
+    model = build_model("stpm", backbone="efficientnet_lite0", weights="random").eval()
+    exact, fast = optimize_for_inference(model, "fp32"), optimize_for_inference(model, "bf16")
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        maps, scores = exact(images)
+        bf16_maps, bf16_scores = fast(images)
+    assert bf16_maps.dtype == torch.float32 and fast.precision == "bf16"
+    assert not torch.equal(bf16_maps, maps)  # it really computed in bfloat16
+    # bfloat16 keeps 8 bits of mantissa: a few percent of the map's range at most
+    assert (bf16_maps - maps).abs().max() < 0.05 * maps.max()
+    torch.testing.assert_close(bf16_scores, scores, rtol=0.05, atol=0.0)
+
+
+def test_auto_precision_follows_the_cpu_flags(tmp_path, monkeypatch, caplog) -> None:
+    with_bf16, without = tmp_path / "with", tmp_path / "without"
+    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+    without.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    assert export.cpu_has_native_bf16(with_bf16)
+    assert not export.cpu_has_native_bf16(without)
+    assert not export.cpu_has_native_bf16(tmp_path / "missing")  # not Linux: stay exact
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(export, "cpu_has_native_bf16", lambda: True)
+    assert export.resolve_precision("auto", cpu) == "bf16"
+    assert export.resolve_precision("auto", cuda) == "fp32"
+    assert export.resolve_precision("fp32", cpu) == "fp32"
+    monkeypatch.setattr(export, "cpu_has_native_bf16", lambda: False)
+    assert export.resolve_precision("auto", cpu) == "fp32"
+    assert not caplog.records
+    assert export.resolve_precision("bf16", cpu) == "bf16"  # asked for: emulated, still right
+    assert "does not compute it natively" in caplog.text
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        export.resolve_precision("fp16", cpu)

@@ -66,6 +66,17 @@ def test_trained_stpm_finds_the_toy_defects(trained_run: Path) -> None:
     assert len(list((trained_run / "panels").rglob("*.png"))) == 25
 
 
+def test_bfloat16_inference_finds_the_same_defects(trained_run: Path, tmp_path: Path) -> None:
+    results = {p: evaluate_run(trained_run, out_dir=tmp_path / p, device="cpu", precision=p,
+                               panels=False, progress=False) for p in ("fp32", "bf16")}
+    for precision, result in results.items():
+        assert result["precision"] == precision
+        assert json.loads((tmp_path / precision / "metrics.json").read_text())[
+            "precision"] == precision
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert abs(results["bf16"][key] - results["fp32"][key]) < 0.03, (key, results)
+
+
 def test_heat_map_peaks_inside_the_defect(trained_run: Path, toy_data: Path) -> None:
     detector = Detector.load(trained_run, "cpu")
     image = toy_data / "test" / "hole" / "000.png"

@@ -30,6 +30,14 @@ def _add_data_args(parser: argparse.ArgumentParser, required: bool) -> None:
                         help="plain-folder layout: folder of defect-free test images")
 
 
+def _add_precision_arg(parser: argparse.ArgumentParser) -> None:
+    from anomap.export import PRECISIONS
+
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="bf16: about 2x faster on a CPU with native bfloat16, noisier "
+                             "maps; auto: bf16 where native, else fp32 (default: fp32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from anomap.methods import METHODS, SELECTION_RULES
 
@@ -82,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(test, required=False)
     test.add_argument("--out", type=Path, help="where to write results (default: the run)")
     test.add_argument("--device", default="auto")
-    test.add_argument("--batch-size", type=int, default=32)
+    test.add_argument("--batch-size", type=int, default=8,
+                      help="images per forward pass (8 is fastest on a CPU)")
+    _add_precision_arg(test)
     test.add_argument("--no-panels", action="store_true", help="skip heat-map PNGs")
     test.add_argument("--no-progress", action="store_true")
 
@@ -94,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", type=Path, help="write the table here instead of stdout")
     predict.add_argument("--device", default="auto")
     predict.add_argument("--batch-size", type=int, default=8)
+    _add_precision_arg(predict)
 
     samples = commands.add_parser(
         "samples", help="write a PNG grid of the synthetic training samples a method sees")
@@ -161,7 +172,8 @@ def cmd_test(args: argparse.Namespace) -> int:
 
     result = evaluate_run(args.run, args.data, out_dir=args.out, defect_dir=args.defect_dir,
                           mask_dir=args.mask_dir, test_normal_dir=args.test_normal_dir,
-                          device=args.device, batch_size=args.batch_size,
+                          device=args.device, precision=args.precision,
+                          batch_size=args.batch_size,
                           panels=not args.no_panels, progress=not args.no_progress)
     _print_metrics(result)
     out = args.out or args.run
@@ -188,7 +200,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from anomap.evaluate import write_predictions_csv
     from anomap.run import Detector
 
-    detector = Detector.load(args.run, args.device)
+    detector = Detector.load(args.run, args.device, args.precision)
     vmin, vmax = detector.display_range
     rows: list[dict[str, Any]] = []
     failures = 0

@@ -15,15 +15,16 @@ from tqdm.auto import tqdm
 
 from anomap import metrics, report
 from anomap.data import Box, Geometry, LoadedSet, Sample, discover, load_set, to_float
+from anomap.export import InferenceModel
 from anomap.files import save_json, save_text
 from anomap.methods import AnomalyModel
 from anomap.run import Detector
 
 
 @torch.no_grad()
-def infer(model: AnomalyModel, geometry: Geometry, loaded: LoadedSet, *, batch_size: int = 32,
-          device: torch.device | str = "cpu", progress: bool = True, desc: str = "scoring"
-          ) -> tuple[torch.Tensor, np.ndarray]:
+def infer(model: AnomalyModel | InferenceModel, geometry: Geometry, loaded: LoadedSet, *,
+          batch_size: int = 32, device: torch.device | str = "cpu", progress: bool = True,
+          desc: str = "scoring") -> tuple[torch.Tensor, np.ndarray]:
     """Maps (N, S, S) in the evaluation frame, on the CPU, and image scores (N,)."""
     model.eval()
     n, size = len(loaded), geometry.size
@@ -49,12 +50,12 @@ def _crop(images: torch.Tensor, index: int, box: Box) -> np.ndarray:
 def evaluate_run(run_dir: str | Path, data: str | Path | None = None, *,
                  out_dir: str | Path | None = None, defect_dir: str | Path | None = None,
                  mask_dir: str | Path | None = None, test_normal_dir: str | Path | None = None,
-                 device: str = "auto", batch_size: int = 32, panels: bool = True,
-                 progress: bool = True) -> dict[str, Any]:
+                 device: str = "auto", precision: str = "fp32", batch_size: int = 8,
+                 panels: bool = True, progress: bool = True) -> dict[str, Any]:
     """``anomap test``: score the test split, write metrics.json, predictions.csv,
     panels/ and report.html into ``out_dir`` (default: the run folder)."""
     run_dir = Path(run_dir)
-    detector = Detector.load(run_dir, device)
+    detector = Detector.load(run_dir, device, precision)
     config = detector.config
     data_cfg = config.get("data", {})
     spec = discover(data or data_cfg["root"],
@@ -93,6 +94,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, *,
         n_skipped=len(loaded.skipped), skipped=loaded.skipped, seconds=round(seconds, 3),
         images_per_second=round(len(loaded) / seconds, 3),
         model_images_per_second=round(len(loaded) / model_seconds, 3),
+        precision=detector.precision, batch_size=batch_size,
         method=config.get("method"), backbone=config.get("model", {}).get("backbone"),
         data=str(spec.root), **report.confusion_at(labels, scores, threshold))
 

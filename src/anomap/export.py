@@ -4,15 +4,31 @@ Eval-mode BatchNorm is an affine map, so it folds into the convolution before
 it: on a 2-core CPU BatchNorm otherwise costs about 30% of an STPM forward
 pass. The folded copy gives the same maps (to float rounding) and is never
 trained or saved; the run's checkpoint keeps the original layers.
+
+On CPUs with native bfloat16 arithmetic (AVX512-BF16 or AMX) the networks
+can also run in bfloat16, about twice as fast. It is opt-in: a trained STPM's
+teacher and student agree closely on normal images, and rounding their
+features to 8 bits of mantissa moves the small distances between them (image
+scores by up to a third on MTD), although the metrics barely move (README).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import logging
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16")
+#: /proc/cpuinfo flags of x86 CPUs that compute bfloat16 natively (not emulated)
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 def fuse_conv_bn(module: nn.Module) -> nn.Module:
@@ -35,13 +51,67 @@ def fuse_conv_bn(module: nn.Module) -> nn.Module:
     return module
 
 
-def optimize_for_inference(model: nn.Module) -> nn.Module:
-    """An eval-mode copy with BatchNorm folded and gradients off.
+@functools.cache
+def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """True when the CPU advertises bfloat16 instructions. Where that cannot be
+    read (not Linux), False: emulated bfloat16 is slower than float32."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return not NATIVE_BF16_FLAGS.isdisjoint(line.split(":", 1)[-1].split())
+    return False
 
-    Folded weights are stored channels-last again: oneDNN's CPU convolutions
-    (depthwise ones above all) are several times faster in that layout.
-    """
-    fast = copy.deepcopy(model).eval()
-    fast.requires_grad_(False)
-    fuse_conv_bn(fast)
-    return fast.to(memory_format=torch.channels_last)
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` on a CPU with native bfloat16, else ``fp32``
+    (GPUs: ``fp32``, the setting measured). An explicit choice is kept."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: {', '.join(PRECISIONS)}")
+    native = device.type != "cpu" or cpu_has_native_bf16()
+    if precision == "auto":
+        return "bf16" if device.type == "cpu" and native else "fp32"
+    if precision == "bf16" and not native:
+        log.warning("bfloat16 asked for, but this CPU does not compute it natively: "
+                    "expect it to be slower than float32")
+    return precision
+
+
+class InferenceModel(nn.Module):
+    """A method's eval-mode copy with BatchNorm folded, channels-last weights
+    (oneDNN's CPU convolutions, depthwise ones above all, are several times
+    faster in that layout) and, for ``bf16``, bfloat16 autocast. Maps and
+    scores always come back as float32."""
+
+    def __init__(self, model: nn.Module, precision: str = "fp32") -> None:
+        super().__init__()
+        if precision not in PRECISIONS[1:]:
+            raise ValueError(f"precision must be fp32 or bf16 here, got {precision!r}")
+        method = copy.deepcopy(model).eval()
+        method.requires_grad_(False)
+        fuse_conv_bn(method)
+        self.method = method.to(memory_format=torch.channels_last)
+        self.precision = precision
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.method.config
+
+    def anomaly_map(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(images.device.type, dtype=torch.bfloat16,
+                            enabled=self.precision == "bf16"):
+            return self.method.anomaly_map(images).float()
+
+    def image_score(self, maps: torch.Tensor) -> torch.Tensor:
+        return self.method.image_score(maps)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = self.anomaly_map(images)
+        return maps, self.image_score(maps)
+
+
+def optimize_for_inference(model: nn.Module, precision: str = "fp32") -> InferenceModel:
+    """The fast inference copy of ``model`` (the original is left untouched)."""
+    return InferenceModel(model, precision)
