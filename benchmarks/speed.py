@@ -54,6 +54,12 @@ def best_time(fn: Callable[[], object], repeats: int = 3, slow_seconds: float = 
     return min(times)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a timing covers it (no-op on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def flops_per_image(model: torch.nn.Module, size: int, device: torch.device) -> float:
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():
@@ -76,7 +82,6 @@ def measure_inference(model: AnomalyModel, paths: list[Path], geometry: Geometry
                       device: torch.device, precision: str, batch: int, flops: float
                       ) -> dict[str, float | int | str]:
     """Model-only and end-to-end images/s of one precision at one batch size."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     detector = Detector(model, geometry, threshold=1.0, display_range=(0.0, 1.0),
                         precision=precision)
     fast = detector.model
@@ -85,7 +90,7 @@ def measure_inference(model: AnomalyModel, paths: list[Path], geometry: Geometry
     def model_only() -> None:
         with torch.inference_mode():
             fast.image_score(fast.anomaly_map(images))
-        sync()
+        synchronize(device)
 
     seconds = best_time(model_only, 10 if batch == 1 else 3)
     entry: dict[str, float | int | str] = {
@@ -105,7 +110,6 @@ def measure(spec: str, paths: list[Path], geometry: Geometry, device: torch.devi
             precisions: list[str], batches: list[int]) -> dict[str, Any]:
     """All figures for one model spec: inference at every precision and batch
     size (plus the recipe's), then training."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     size = geometry.size
     model, recipe = build(spec)
     model = model.to(device)
@@ -126,7 +130,7 @@ def measure(spec: str, paths: list[Path], geometry: Geometry, device: torch.devi
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        sync()
+        synchronize(device)
 
     seconds = best_time(train_step, 3)
     entry.update(train_batch=batch, train_ms_per_image=round(seconds / batch * 1000, 1),
