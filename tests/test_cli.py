@@ -41,11 +41,18 @@ def test_predict_scores_files_and_folders_and_reports_corrupt_ones(
 
 def test_predict_csv_to_file(trained_run: Path, toy_data: Path, tmp_path: Path) -> None:
     table = tmp_path / "scores.csv"
-    code = main(["predict", "--run", str(trained_run), str(toy_data / "test" / "scratch"),
-                 "--format", "csv", "--output", str(table), "--device", "cpu"])
-    assert code == 0
-    rows = list(csv.DictReader(table.open()))
-    assert len(rows) == 5 and {r["verdict"] for r in rows} <= {"pass", "fail"}
+    scores = {}
+    for precision in ("fp32", "bf16"):
+        code = main(["predict", "--run", str(trained_run), str(toy_data / "test" / "scratch"),
+                     "--format", "csv", "--output", str(table), "--device", "cpu",
+                     "--precision", precision])
+        assert code == 0
+        rows = list(csv.DictReader(table.open()))
+        assert len(rows) == 5 and {r["verdict"] for r in rows} <= {"pass", "fail"}
+        scores[precision] = np.array([float(r["score"]) for r in rows])
+    # bfloat16 really ran (scores moved), and moved only a little on defects
+    assert not np.array_equal(scores["bf16"], scores["fp32"])
+    np.testing.assert_allclose(scores["bf16"], scores["fp32"], rtol=0.2)
 
 
 def test_train_and_test_on_plain_folders(toy_data: Path, tmp_path: Path,
