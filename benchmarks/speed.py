@@ -78,14 +78,11 @@ def build(spec: str) -> tuple[AnomalyModel, Recipe]:
     return build_model(method, **config), recipe
 
 
-def measure_inference(model: AnomalyModel, paths: list[Path], geometry: Geometry,
-                      device: torch.device, precision: str, batch: int, flops: float
+def measure_inference(detector: Detector, paths: list[Path], batch: int, flops: float
                       ) -> dict[str, float | int | str]:
-    """Model-only and end-to-end images/s of one precision at one batch size."""
-    detector = Detector(model, geometry, threshold=1.0, display_range=(0.0, 1.0),
-                        precision=precision)
-    fast = detector.model
-    images = torch.rand(batch, 3, geometry.size, geometry.size, device=device)
+    """Model-only and end-to-end images/s of one detector at one batch size."""
+    fast, device, size = detector.model, detector.device, detector.geometry.size
+    images = torch.rand(batch, 3, size, size, device=device)
 
     def model_only() -> None:
         with torch.inference_mode():
@@ -94,7 +91,7 @@ def measure_inference(model: AnomalyModel, paths: list[Path], geometry: Geometry
 
     seconds = best_time(model_only, 10 if batch == 1 else 3)
     entry: dict[str, float | int | str] = {
-        "precision": precision, "batch": batch,
+        "precision": detector.precision, "batch": batch,
         "model_images_per_second": round(batch / seconds, 2)}
     # at least 2 batches, and at least 2 s of model work per timed call
     n = min(len(paths), max(2 * batch, int(2.0 / seconds * batch) // batch * batch))
@@ -117,9 +114,10 @@ def measure(spec: str, paths: list[Path], geometry: Geometry, device: torch.devi
     flops = flops_per_image(model.eval(), size, device)
     entry: dict[str, Any] = {"gflops_per_image": round(flops / 1e9, 3), "inference": []}
     for precision in precisions:
+        detector = Detector(model, geometry, threshold=1.0, display_range=(0.0, 1.0),
+                            precision=precision)
         for b in sorted({*batches, batch}):
-            entry["inference"].append(
-                measure_inference(model, paths, geometry, device, precision, b, flops))
+            entry["inference"].append(measure_inference(detector, paths, b, flops))
             print(spec, json.dumps(entry["inference"][-1]), flush=True)
     model.train()
     optimizer, _ = build_optimizer(recipe, model.trainable_parameters())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from anomap import export
-from anomap.export import optimize_for_inference
+from anomap.export import InferenceModel
 from anomap.methods import build_model
 
 
@@ -18,7 +18,7 @@ def test_folded_model_gives_the_same_maps() -> None:
             module.running_mean.uniform_(-0.2, 0.2)
             module.running_var.uniform_(0.5, 1.5)
             module.weight.data.uniform_(0.5, 1.5)
-    fast = optimize_for_inference(model)
+    fast = InferenceModel(model)
     # per network: stem 1 + layer1 4 + layer2 (4 + downsample 1) + layer3 (4 + 1) = 15
     assert fast.method._fused_pairs == 2 * 15
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
@@ -33,7 +33,7 @@ def test_folded_model_gives_the_same_maps() -> None:
 
 def test_efficientnet_lite_folds_every_pair() -> None:
     model = build_model("stpm", backbone="efficientnet_lite0", weights="random").eval()
-    fast = optimize_for_inference(model)
+    fast = InferenceModel(model)
     images = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(fast(images)[0], model(images)[0], rtol=1e-4, atol=1e-5)
@@ -43,7 +43,7 @@ def test_efficientnet_lite_folds_every_pair() -> None:
 def test_bfloat16_maps_stay_close_to_float32() -> None:
     torch.manual_seed(0)
     model = build_model("stpm", backbone="efficientnet_lite0", weights="random").eval()
-    exact, fast = optimize_for_inference(model, "fp32"), optimize_for_inference(model, "bf16")
+    exact, fast = InferenceModel(model, "fp32"), InferenceModel(model, "bf16")
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         maps, scores = exact(images)

@@ -83,7 +83,7 @@ class InferenceModel(nn.Module):
     """A method's eval-mode copy with BatchNorm folded, channels-last weights
     (oneDNN's CPU convolutions, depthwise ones above all, are several times
     faster in that layout) and, for ``bf16``, bfloat16 autocast. Maps and
-    scores always come back as float32."""
+    scores always come back as float32; the original model is left untouched."""
 
     def __init__(self, model: nn.Module, precision: str = "fp32") -> None:
         super().__init__()
@@ -110,8 +110,3 @@ class InferenceModel(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps = self.anomaly_map(images)
         return maps, self.image_score(maps)
-
-
-def optimize_for_inference(model: nn.Module, precision: str = "fp32") -> InferenceModel:
-    """The fast inference copy of ``model`` (the original is left untouched)."""
-    return InferenceModel(model, precision)

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from anomap.data import Geometry, load_image, to_pil
-from anomap.export import optimize_for_inference, resolve_precision
+from anomap.export import InferenceModel, resolve_precision
 from anomap.methods import AnomalyModel, build_model
 
 CONFIG_FILE = "config.json"
@@ -121,7 +121,7 @@ class Detector:
                  display_range: tuple[float, float], config: dict[str, Any] | None = None,
                  precision: str = "fp32") -> None:
         device = next(model.parameters()).device
-        self.model = optimize_for_inference(model, resolve_precision(precision, device))
+        self.model = InferenceModel(model, resolve_precision(precision, device))
         self.geometry = geometry
         self.threshold = float(threshold)
         self.display_range = (float(display_range[0]), float(display_range[1]))
