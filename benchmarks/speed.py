@@ -31,6 +31,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from anomap import Detector
+from anomap.allocator import keep_freed_memory
 from anomap.data import Geometry, discover
 from anomap.methods import AnomalyModel, Recipe, build_model, get_method
 from anomap.synth import make_anomaly_source, synthesize
@@ -164,6 +165,8 @@ def main() -> None:
     # flush them so the timing reflects the architecture, not the random draw.
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
+    # as anomap training and inference do (ANOMAP_SYSTEM_MALLOC=1 in the environment: off)
+    kept = keep_freed_memory()
     paths = [s.path for s in discover(args.data).test][: args.n_images]
     geometry = Geometry(args.size, "letterbox")
     record = json.loads(args.out.read_text()) if args.out.is_file() else {"results": {}}
@@ -181,6 +184,7 @@ def main() -> None:
         "device": (torch.cuda.get_device_name() if device.type == "cuda"
                    else f"cpu ({torch.get_num_threads()} threads, {platform.machine()})"),
         "torch": torch.__version__,
+        "keep_freed_memory": kept,
     })
     record.pop("command", None)
     args.out.write_text(json.dumps(record, indent=2) + "\n")

@@ -89,16 +89,25 @@ def test_efficientnet_lite_truncation_keeps_features_and_drops_deeper_blocks() -
     torch.testing.assert_close(a[2], b[0])  # stride 16 is the same tensor either way
 
 
-def test_same_conv_pads_like_tensorflow() -> None:
-    """Stride 2 on an even size pads the extra pixel bottom/right; odd sizes pad evenly."""
-    conv = SameConv2d(2, 3, 5, stride=2)
-    plain = torch.nn.Conv2d(2, 3, 5, stride=2, bias=False)
+@pytest.mark.parametrize(("kernel", "groups"), [(5, 1), (3, 2)])
+def test_same_conv_pads_like_tensorflow(kernel: int, groups: int) -> None:
+    """Stride 2 on an even size pads the extra pixel bottom/right; odd sizes pad evenly.
+    Same outputs and same weight gradients as padding the input explicitly."""
+    conv = SameConv2d(2, 4, kernel, stride=2, groups=groups)
+    plain = torch.nn.Conv2d(2, 4, kernel, stride=2, groups=groups, bias=False)
     plain.weight.data.copy_(conv.weight.data)
-    even = torch.randn(1, 2, 8, 10)
-    odd = torch.randn(1, 2, 9, 7)
-    with torch.no_grad():
-        torch.testing.assert_close(conv(even), plain(F.pad(even, [1, 2, 1, 2])))
-        torch.testing.assert_close(conv(odd), plain(F.pad(odd, [2, 2, 2, 2])))
+    before = (kernel - 2) // 2  # TF's top/left padding on an even size
+    for height, width in [(8, 10), (9, 7), (8, 9), (1, 2)]:
+        x = torch.randn(2, 2, height, width)
+        pad_h = [before, before + 1] if height % 2 == 0 else [kernel // 2] * 2
+        pad_w = [before, before + 1] if width % 2 == 0 else [kernel // 2] * 2
+        conv.zero_grad()
+        plain.zero_grad()
+        ours, reference = conv(x), plain(F.pad(x, pad_w + pad_h))
+        torch.testing.assert_close(ours, reference)
+        ours.square().sum().backward()
+        reference.square().sum().backward()
+        torch.testing.assert_close(conv.weight.grad, plain.weight.grad)
 
 
 def test_efficientnet_lite_missing_package_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -25,6 +25,19 @@ def test_normalized_distance_hand_values() -> None:
     assert torch.allclose(normalized_distance(t, s), torch.tensor([[[0.0, 2.0]]]))
 
 
+def test_normalized_distance_is_float32_under_bfloat16_autocast() -> None:
+    """Features nearly equal, as a trained student's are: the distance of the
+    bfloat16 features must be computed in float32, not cancelled away in bfloat16."""
+    t = torch.randn(2, 24, 8, 8).bfloat16()
+    s = (t.float() + 0.01 * torch.randn(2, 24, 8, 8)).bfloat16()
+    t64, s64 = (torch.nn.functional.normalize(x.double(), dim=1) for x in (t, s))
+    exact = 0.5 * (t64 - s64).pow(2).sum(dim=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = normalized_distance(t, s)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), exact, rtol=1e-3, atol=0.0)
+
+
 def test_map_is_product_of_levels_and_score_is_max() -> None:
     model = build_model("stpm", weights="random").eval()
     images = torch.rand(2, 3, 64, 64)
@@ -53,9 +66,10 @@ def test_score_window_scores_the_hottest_region_not_the_hottest_pixel() -> None:
 
 def test_trained_stpm_finds_the_toy_defects(trained_run: Path) -> None:
     result = evaluate_run(trained_run, device="cpu", progress=False)
-    assert result["image_auroc"] > 0.9, result
-    assert result["pixel_auroc"] > 0.9, result
-    assert result["aupro"] > 0.6, result
+    # measured over training seeds 0-2: image 0.88-0.95, pixel 0.985-0.987, AUPRO 0.967-0.969
+    assert result["image_auroc"] > 0.85, result
+    assert result["pixel_auroc"] > 0.95, result
+    assert result["aupro"] > 0.9, result
     for name in ("metrics.json", "predictions.csv", "report.html"):
         assert (trained_run / name).is_file()
     saved = json.loads((trained_run / "metrics.json").read_text())

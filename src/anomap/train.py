@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from anomap import __version__
+from anomap.allocator import keep_freed_memory
 from anomap.data import Geometry, LoadedSet, discover, load_set, split_holdout, to_float
 from anomap.evaluate import infer
 from anomap.files import save_json, save_torch
@@ -255,6 +256,8 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
                progress: bool = True, calibration: Calibration | None = None
                ) -> list[dict[str, float]]:
     """Train for ``recipe.epochs``; returns the per-epoch history."""
+    if device.type == "cpu":
+        keep_freed_memory()
     check = (synthetic_check_set(val_set, geometry, seed)
              if recipe.selection == "synthetic" and val_set is not None else None)
     optimizer, scheduler = build_optimizer(recipe, model.trainable_parameters())

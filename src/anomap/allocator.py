@@ -1,0 +1,54 @@
+"""Keep freed memory in the process, so CPU batches stop page-faulting.
+
+glibc's malloc serves every block above its mmap threshold (at most 32 MB) with a
+fresh ``mmap`` and hands it back to the kernel on ``free``. A CNN at 256 px and
+batch 8 allocates activations of 50 MB (EfficientNet-Lite0's first expanded
+layer: 8 x 96 x 128 x 128 floats), so every forward pass faults hundreds of MB of
+zeroed pages back in, and the convolutions wait on the kernel. Measured on
+this project's 2-core CPU, STPM with EfficientNet-Lite0 at 256 px: 35-39
+images/s model-only at batch 8 and 96 ms per training image by default; 49-60
+images/s and 54-67 ms with freed memory kept (``benchmarks/speed.py``, README).
+
+PyTorch's GPU allocator caches freed blocks for the same reason; on the CPU it
+leaves that to malloc, so anomap tells glibc to serve large blocks from its heap
+and not to trim it: the process keeps its peak memory instead of returning it
+between batches. Done once, by training and by :class:`anomap.export.InferenceModel`
+on a CPU. Elsewhere (musl, macOS, Windows) nothing changes. ``ANOMAP_SYSTEM_MALLOC=1``
+in the environment turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import platform
+
+log = logging.getLogger(__name__)
+
+#: glibc's mallopt parameter numbers (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+#: mallopt takes an int: keep up to 2 GiB of freed heap before trimming
+KEEP_FREED_BYTES = 2**31 - 1
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Make glibc serve large blocks from the heap and keep them after free.
+    Returns True when the setting took effect (once per process)."""
+    if os.environ.get("ANOMAP_SYSTEM_MALLOC", "") not in ("", "0"):
+        return False
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    # mmap stays available as glibc's own fallback when the heap cannot grow
+    done = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(
+        M_TRIM_THRESHOLD, KEEP_FREED_BYTES) == 1
+    if not done:
+        log.debug("mallopt refused: memory allocation left as it was")
+    return done
