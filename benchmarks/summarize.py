@@ -115,9 +115,30 @@ def precision_table() -> str:
     return "\n".join(lines)
 
 
+#: interleaved one-sitting runs of ``speed.py --models stpm:efficientnet_lite0 --precisions
+#: fp32``, in the order run (N_...): before = commit f61472a, system_malloc =
+#: ANOMAP_SYSTEM_MALLOC=1, after = this code
+BEFORE_AFTER = RESULTS / "diagnostics" / "speed_before_after"
+
+
+def before_after_table() -> str:
+    """Lite0 STPM float32 speed before and after the padding/allocator changes."""
+    lines: list[str] = []
+    for path in sorted(BEFORE_AFTER.glob("*.json"), key=lambda p: int(p.stem.split("_")[0])):
+        e = json.loads(path.read_text())["results"]["stpm:efficientnet_lite0"]
+        rows = {r["batch"]: r for r in e["inference"] if r["precision"] == "fp32"}
+        if not lines:
+            lines = ["| run | " + " | ".join(f"batch {b} model / e2e img/s" for b in rows)
+                     + " | train ms/img |", "|---|" + "---|" * (len(rows) + 1)]
+        lines.append(f"| {path.stem} | " + " | ".join(
+            f"{r['model_images_per_second']} / {r['end_to_end_images_per_second']}"
+            for r in rows.values()) + f" | {e['train_ms_per_image']} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     speed = [speed_table(path) for path in sorted(RESULTS.glob("speed*.json"))]
     for table in (accuracy_table(), per_type_table(), score_window_table(),
-                  precision_table(), *speed):
+                  precision_table(), before_after_table(), *speed):
         if table:
             print(table, end="\n\n")

@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 #: glibc's mallopt parameter numbers (malloc.h)
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
-#: mallopt takes an int: keep up to 2 GiB of freed heap before trimming
-KEEP_FREED_BYTES = 2**31 - 1
+#: mallopt(3): a trim threshold of -1 disables trimming completely. A bounded one
+#: (2 GiB was tried) still hands a training batch's freed activations back each step.
+NEVER_TRIM = -1
 
 
 @functools.cache
@@ -47,8 +48,7 @@ def keep_freed_memory() -> bool:
     except OSError:
         return False
     # mmap stays available as glibc's own fallback when the heap cannot grow
-    done = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(
-        M_TRIM_THRESHOLD, KEEP_FREED_BYTES) == 1
+    done = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM) == 1
     if not done:
         log.debug("mallopt refused: memory allocation left as it was")
     return done

@@ -37,9 +37,10 @@ def unit_vectors(features: torch.Tensor) -> torch.Tensor:
 def normalized_distance(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     """Per-position 1/2 * ||t/|t| - s/|s|||^2 -> (B, h, w), in [0, 2].
 
-    Always float32, also under bfloat16 autocast: on normal images a trained
-    student matches its teacher to a few percent, and subtracting two bfloat16
-    unit vectors would cancel most of their 8-bit mantissa.
+    Always float32, also when the features come out of bfloat16 autocast: a
+    trained student matches its teacher to a few percent on normal images, so
+    the subtraction must not round to bfloat16's 8-bit mantissa again. (The
+    bfloat16 score noise measured on MTD comes from the features themselves.)
     """
     diff = unit_vectors(teacher.float()) - unit_vectors(student.float())
     return 0.5 * (diff * diff).sum(dim=1)
