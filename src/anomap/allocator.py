@@ -5,9 +5,10 @@ fresh ``mmap`` and hands it back to the kernel on ``free``. A CNN at 256 px and
 batch 8 allocates activations of 50 MB (EfficientNet-Lite0's first expanded
 layer: 8 x 96 x 128 x 128 floats), so every forward pass faults hundreds of MB of
 zeroed pages back in, and the convolutions wait on the kernel. Measured on
-this project's 2-core CPU, STPM with EfficientNet-Lite0 at 256 px: 35-39
-images/s model-only at batch 8 and 96 ms per training image by default; 49-60
-images/s and 54-67 ms with freed memory kept (``benchmarks/speed.py``, README).
+this project's 2-core CPU (interleaved ``benchmarks/speed.py`` runs, README
+"Speed"), STPM with EfficientNet-Lite0 at 256 px: 29-39 images/s model-only
+at batch 8 and 83-86 ms per training image with the system's setting, 51-65
+images/s and 52-63 ms with freed memory kept.
 
 PyTorch's GPU allocator caches freed blocks for the same reason; on the CPU it
 leaves that to malloc, so anomap tells glibc to serve large blocks from its heap
