@@ -26,9 +26,9 @@ def _model(config: dict) -> str:
 
 
 def accuracy_table() -> str:
-    lines = ["| run | method | model | input | epochs (kept) | image AUROC | pixel AUROC | AUPRO "
-             "| F1-max | train ms/img | command |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | method | model | input | epochs (kept) | batch | image AUROC | pixel AUROC "
+             "| AUPRO | F1-max | train ms/img | command |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(RESULTS.glob("*.json")):
         record = json.loads(path.read_text())
         if "metrics" not in record:  # speed files
@@ -37,7 +37,7 @@ def accuracy_table() -> str:
         lines.append(
             f"| {record['name']} | {config['method']} | {_model(config)} "
             f"| {config['geometry']['size']} px {config['geometry']['mode']} "
-            f"| {record['epochs']} ({record['best_epoch']}) "
+            f"| {record['epochs']} ({record['best_epoch']}) | {config['recipe']['batch_size']} "
             f"| {_fmt(m['image_auroc'])} | {_fmt(m['pixel_auroc'])} | {_fmt(m['aupro'])} "
             f"| {_fmt(m['image_f1_max'])} | {record['train_ms_per_image']} "
             f"| `{record['command']}` |")
