@@ -45,6 +45,12 @@ def training_time(history: list[dict[str, Any]]) -> dict[str, float]:
                                                    for h in history), 1)}
 
 
+def training_curve(history: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Loss and held-out mean score per epoch, to compare runs epoch by epoch."""
+    return {key: [float(f"{float(h[key]):.5g}") for h in history]
+            for key in ("loss", "val_mean_score")}
+
+
 def result_path(name: str) -> Path:
     return ROOT / "results" / f"{name}.json"
 
@@ -71,6 +77,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None, help="default: the method's")
+    parser.add_argument("--lr-milestones", type=float, nargs="+", default=None,
+                        help="fractions of the epochs at which lr is multiplied by --lr-gamma")
+    parser.add_argument("--lr-gamma", type=float, default=None)
     parser.add_argument("--resize-mode", default="letterbox")
     parser.add_argument("--preset", default="auto", help="paper, cpu or auto (by device)")
     parser.add_argument("--selection", default=None,
@@ -93,7 +103,9 @@ def main() -> None:
     trained = fit(args.model, args.data, run, model_config=model_config,
                   recipe_overrides={"epochs": args.epochs, "batch_size": args.batch_size,
                                     "image_size": args.image_size,
-                                    "selection": args.selection},
+                                    "selection": args.selection, "lr": args.lr,
+                                    "lr_milestones": args.lr_milestones,
+                                    "lr_gamma": args.lr_gamma},
                   resize_mode=args.resize_mode, seed=args.seed, device=args.device,
                   preset=args.preset,
                   resume=(run / "last.pt").exists(), progress=False)
@@ -113,6 +125,7 @@ def main() -> None:
         "epochs": config["recipe"]["epochs"],
         "wall_seconds_this_call": round(train_seconds, 1),
         **training_time(history),
+        "curve": training_curve(history),
         "config": config,
     }
     save_result(record)

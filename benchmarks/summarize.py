@@ -25,10 +25,18 @@ def _model(config: dict) -> str:
             f"source {model.get('anomaly_source') or 'builtin'}")
 
 
+def _lr(recipe: dict) -> str:
+    """Learning rate and its schedule, e.g. '0.4, x0.1 at 80/90%'."""
+    if not recipe["lr_milestones"]:
+        return f"{recipe['lr']:g}"
+    at = "/".join(f"{100 * f:g}" for f in recipe["lr_milestones"])
+    return f"{recipe['lr']:g}, x{recipe['lr_gamma']:g} at {at}%"
+
+
 def accuracy_table() -> str:
-    lines = ["| run | method | model | input | epochs (kept) | batch | image AUROC | pixel AUROC "
-             "| AUPRO | F1-max | train ms/img | command |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | method | model | input | epochs (kept) | batch | lr | image AUROC "
+             "| pixel AUROC | AUPRO | F1-max | train ms/img | command |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(RESULTS.glob("*.json")):
         record = json.loads(path.read_text())
         if "metrics" not in record:  # speed files
@@ -38,7 +46,8 @@ def accuracy_table() -> str:
             f"| {record['name']} | {config['method']} | {_model(config)} "
             f"| {config['geometry']['size']} px {config['geometry']['mode']} "
             f"| {record['epochs']} ({record['best_epoch']}) | {config['recipe']['batch_size']} "
-            f"| {_fmt(m['image_auroc'])} | {_fmt(m['pixel_auroc'])} | {_fmt(m['aupro'])} "
+            f"| {_lr(config['recipe'])} | {_fmt(m['image_auroc'])} "
+            f"| {_fmt(m['pixel_auroc'])} | {_fmt(m['aupro'])} "
             f"| {_fmt(m['image_f1_max'])} | {record['train_ms_per_image']} "
             f"| `{record['command']}` |")
     return "\n".join(lines)

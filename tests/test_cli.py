@@ -110,12 +110,17 @@ def test_samples_grid_and_method_options(toy_data: Path, tmp_path: Path,
 
 def test_train_with_other_pyramid_levels_and_score_window(toy_data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    assert main(["train", "--data", str(toy_data), "--out", str(run), "--epochs", "1",
+    assert main(["train", "--data", str(toy_data), "--out", str(run), "--epochs", "2",
                  "--batch-size", "8", "--image-size", "64", "--strides", "8", "16", "32",
-                 "--score-window", "5",
-                 "--device", "cpu", "--no-progress"]) == 0
-    model_config = json.loads((run / "config.json").read_text())["model"]
+                 "--score-window", "5", "--lr", "0.2", "--lr-milestones", "0.5",
+                 "--lr-gamma", "0.25", "--device", "cpu", "--no-progress"]) == 0
+    config = json.loads((run / "config.json").read_text())
+    model_config = config["model"]
     assert model_config["strides"] == [8, 16, 32] and model_config["score_window"] == 5
+    assert config["recipe"]["lr_milestones"] == [0.5] and config["recipe"]["lr_gamma"] == 0.25
+    # history.csv gives the lr each epoch trained with: 0.2, then 0.2 x 0.25 after the milestone
+    with (run / "history.csv").open() as f:
+        assert [float(row["lr"]) for row in csv.DictReader(f)] == pytest.approx([0.2, 0.05])
     assert Detector.load(run, "cpu").model.config["score_window"] == 5
     detector = Detector.load(run, "cpu")
     network = detector.model.method

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int)
     train.add_argument("--image-size", type=int, help="network input side (default 256)")
     train.add_argument("--lr", type=float)
+    train.add_argument("--lr-milestones", type=float, nargs="+", metavar="FRACTION",
+                       help="fractions of the epochs at which lr is multiplied by --lr-gamma")
+    train.add_argument("--lr-gamma", type=float, help="lr factor at each milestone (0.1)")
     train.add_argument("--backbone", help="e.g. efficientnet_lite0 (offline default), resnet18")
     train.add_argument("--weights", help="teacher weights: 'imagenet' (default) or a .pth file")
     train.add_argument("--strides", type=int, nargs="+",
@@ -141,7 +144,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.data is None and not args.resume:
         raise ValueError("--data is required (unless --resume)")
     recipe = {"epochs": args.epochs, "batch_size": args.batch_size,
-              "image_size": args.image_size, "lr": args.lr, "selection": args.selection}
+              "image_size": args.image_size, "lr": args.lr, "selection": args.selection,
+              "lr_milestones": args.lr_milestones, "lr_gamma": args.lr_gamma}
     try:
         result = fit(args.model, args.data, args.out,
                      model_config={"backbone": args.backbone, "weights": args.weights,

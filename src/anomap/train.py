@@ -282,6 +282,7 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
         started = time.perf_counter()
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         total, seen = 0.0, 0
+        epoch_lr = optimizer.param_groups[0]["lr"]  # the scheduler changes it after the epoch
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False,
                    disable=not progress, unit="batch")
         for step in bar:
@@ -322,7 +323,7 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
                 calibration.write(maps, scores, epoch + 1)
         history.append({"epoch": epoch + 1, "loss": total / max(seen, 1),
                         "val_mean_score": val_score, **judged,
-                        "lr": optimizer.param_groups[0]["lr"],
+                        "lr": epoch_lr,
                         "seconds": round(time.perf_counter() - started, 3),
                         "train_images_per_second": round(seen / train_seconds, 3),
                         "best": improved})
