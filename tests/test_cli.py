@@ -108,7 +108,8 @@ def test_samples_grid_and_method_options(toy_data: Path, tmp_path: Path,
     assert "draem has no option strides" in capsys.readouterr().err
 
 
-def test_train_with_other_pyramid_levels_and_score_window(toy_data: Path, tmp_path: Path) -> None:
+def test_train_with_other_levels_score_window_and_lr_schedule(toy_data: Path,
+                                                               tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert main(["train", "--data", str(toy_data), "--out", str(run), "--epochs", "2",
                  "--batch-size", "8", "--image-size", "64", "--strides", "8", "16", "32",

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float)
     train.add_argument("--lr-milestones", type=float, nargs="+", metavar="FRACTION",
                        help="fractions of the epochs at which lr is multiplied by --lr-gamma")
-    train.add_argument("--lr-gamma", type=float, help="lr factor at each milestone (0.1)")
+    train.add_argument("--lr-gamma", type=float,
+                       help="lr factor at each milestone (default: the method's)")
     train.add_argument("--backbone", help="e.g. efficientnet_lite0 (offline default), resnet18")
     train.add_argument("--weights", help="teacher weights: 'imagenet' (default) or a .pth file")
     train.add_argument("--strides", type=int, nargs="+",
