@@ -122,8 +122,8 @@ def test_train_with_other_levels_score_window_and_lr_schedule(toy_data: Path,
     # history.csv gives the lr each epoch trained with: 0.2, then 0.2 x 0.25 after the milestone
     with (run / "history.csv").open() as f:
         assert [float(row["lr"]) for row in csv.DictReader(f)] == pytest.approx([0.2, 0.05])
-    assert Detector.load(run, "cpu").model.config["score_window"] == 5
     detector = Detector.load(run, "cpu")
+    assert detector.model.config["score_window"] == 5
     network = detector.model.method
     assert network.teacher.out_strides == network.student.out_strides == (8, 16, 32)
     assert detector.predict(np.zeros((40, 70), dtype=np.uint8))[0].anomaly_map.shape == (40, 70)
