@@ -17,6 +17,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,27 @@ def save_result(record: dict[str, Any]) -> Path:
     return out
 
 
+def analyse_runs(description: str, default_name: str,
+                 measure: Callable[[Path, argparse.Namespace], dict[str, Any]],
+                 add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+                 command_key: str = "command") -> None:
+    """``main`` of the scripts that analyse trained runs: parse ``--runs`` and
+    ``--name``, measure each run and merge it into results/<name>.json (runs
+    measured earlier are kept, so a new run adds rows), with the command line."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders")
+    parser.add_argument("--name", default=default_name, help="results/<name>.json")
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args()
+    command = " ".join(["python", "benchmarks/" + Path(sys.argv[0]).name, *sys.argv[1:]])
+    out = result_path(args.name)
+    runs = json.loads(out.read_text())["runs"] if out.is_file() else {}
+    for run in args.runs:
+        runs[run.name] = {**measure(run, args), command_key: command}
+    save_result({"name": args.name, "metrics": {}, "runs": runs})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", required=True)
@@ -72,6 +94,8 @@ def main() -> None:
     parser.add_argument("--backbone", default=None)
     parser.add_argument("--strides", type=int, nargs="+", default=None,
                         help="STPM pyramid levels (default: the method's, 4 8 16)")
+    parser.add_argument("--map-strides", type=int, nargs="+", default=None,
+                        help="STPM levels whose product is the map (default: all)")
     parser.add_argument("--score-window", type=int, default=None,
                         help="image score window (default: the method's; see README)")
     parser.add_argument("--epochs", type=int, default=None)
@@ -98,7 +122,7 @@ def main() -> None:
     run = args.runs / args.name
     started = time.perf_counter()
     model_config = {"backbone": args.backbone, "anomaly_source": args.anomaly_source,
-                    "strides": args.strides,
+                    "strides": args.strides, "map_strides": args.map_strides,
                     "score_window": args.score_window}  # None: the method's default
     trained = fit(args.model, args.data, run, model_config=model_config,
                   recipe_overrides={"epochs": args.epochs, "batch_size": args.batch_size,

@@ -11,14 +11,13 @@ Runs already in the results file are kept, so a new run adds a row.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from mtd_accuracy import result_path, save_result
+from mtd_accuracy import analyse_runs
 
 from anomap.evaluate import evaluate_run
 
@@ -50,17 +49,8 @@ def compare(run_dir: Path) -> dict[str, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders")
-    parser.add_argument("--name", default="diagnostics/precision", help="results/<name>.json")
-    args = parser.parse_args()
-    command = ("python benchmarks/precision.py --name " + args.name + " --runs "
-               + " ".join(str(run) for run in args.runs))
-    out = result_path(args.name)
-    runs = json.loads(out.read_text())["runs"] if out.is_file() else {}
-    for run in args.runs:
-        runs[run.name] = {**compare(run), "command": command}
-    save_result({"name": args.name, "metrics": {}, "runs": runs})
+    analyse_runs(__doc__.splitlines()[0], "diagnostics/precision",
+                 lambda run, _args: compare(run))
 
 
 if __name__ == "__main__":

@@ -14,26 +14,31 @@ Runs already in the results file are kept, so a new run adds a row.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from mtd_accuracy import result_path, save_result
+from mtd_accuracy import analyse_runs
 
 from anomap import metrics
-from anomap.data import discover, load_set
+from anomap.data import LoadedSet, discover, load_set
 from anomap.evaluate import infer, per_defect_type_auroc
-from anomap.run import Detector
+from anomap.run import Detector, geometry_from_config
+
+
+def load_test_split(config: dict[str, Any], with_masks: bool = False) -> LoadedSet:
+    """The test split of the data a run (its config.json) was trained on, in its geometry."""
+    data = config["data"]
+    spec = discover(data["root"], defect_dir=data.get("defect_dir"),
+                    mask_dir=data.get("mask_dir"), test_normal_dir=data.get("test_normal_dir"))
+    return load_set(spec.test, geometry_from_config(config), with_masks=with_masks)
 
 
 def window_aurocs(run_dir: Path, windows: list[int]) -> dict[str, object]:
     """Image AUROC overall and per defect type for each window, on one run's test split."""
     detector = Detector.load(run_dir, "cpu")
-    data = detector.config["data"]
-    spec = discover(data["root"], defect_dir=data.get("defect_dir"),
-                    mask_dir=data.get("mask_dir"), test_normal_dir=data.get("test_normal_dir"))
-    test = load_set(spec.test, detector.geometry, with_masks=False)
+    test = load_test_split(detector.config)
     maps, _ = infer(detector.model, detector.geometry, test)
     labels = np.asarray(test.labels)
     result: dict[str, object] = {"command": detector.config.get("command", ""), "windows": {}}
@@ -52,21 +57,12 @@ def window_aurocs(run_dir: Path, windows: list[int]) -> dict[str, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders")
-    parser.add_argument("--windows", type=int, nargs="+", default=[1, 5, 11, 21, 41])
-    parser.add_argument("--name", default="diagnostics/score_window",
-                        help="results/<name>.json")
-    args = parser.parse_args()
-    command = ("python benchmarks/score_window.py --name " + args.name + " --runs "
-               + " ".join(str(run) for run in args.runs)
-               + " --windows " + " ".join(map(str, args.windows)))
-    # runs scored earlier into the same file are kept: a new run adds a row
-    out = result_path(args.name)
-    runs = json.loads(out.read_text())["runs"] if out.is_file() else {}
-    for run in args.runs:
-        runs[run.name] = {**window_aurocs(run, args.windows), "score_command": command}
-    save_result({"name": args.name, "metrics": {}, "runs": runs})
+    def windows_argument(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--windows", type=int, nargs="+", default=[1, 5, 11, 21, 41])
+
+    analyse_runs(__doc__.splitlines()[0], "diagnostics/score_window",
+                 lambda run, args: window_aurocs(run, args.windows), windows_argument,
+                 command_key="score_command")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,10 @@ def _model(config: dict) -> str:
     widths and texture source."""
     model = config["model"]
     if "backbone" in model:
-        return f"{model['backbone']}, strides {'/'.join(map(str, model['strides']))}"
+        text = f"{model['backbone']}, strides {'/'.join(map(str, model['strides']))}"
+        if model.get("map_strides"):
+            text += f", map {'/'.join(map(str, model['map_strides']))}"
+        return text
     return (f"widths {model['base_width']}/{model['disc_base_width']}, "
             f"source {model.get('anomaly_source') or 'builtin'}")
 
@@ -69,9 +72,10 @@ def per_type_table() -> str:
 def speed_table(path: Path) -> str:
     """Inference rows (model x precision x batch), then one training row per model."""
     record = json.loads(path.read_text())
-    lines = [f"Device: {record['device']}, {record['size']}x{record['size']}", "",
-             "| model | GFLOP/img | precision | batch | model img/s | end-to-end img/s "
-             "| GFLOP/s (model / e2e) |", "|---|---|---|---|---|---|---|"]
+    lines = [f"Device: {record['device']}, {record['size']}x{record['size']}"]
+    if any(e["inference"] for e in record["results"].values()):
+        lines += ["", "| model | GFLOP/img | precision | batch | model img/s "
+                  "| end-to-end img/s | GFLOP/s (model / e2e) |", "|---|---|---|---|---|---|---|"]
     for name, e in record["results"].items():
         for row in e["inference"]:
             lines.append(
@@ -79,13 +83,15 @@ def speed_table(path: Path) -> str:
                 f"| {row['model_images_per_second']} | {row['end_to_end_images_per_second']} "
                 f"| {row['model_gflop_per_second']} / {row['end_to_end_gflop_per_second']} |")
     lines += ["", "| model | train batch | train ms/img | train samples/s "
-              "| synthetic anomalies samples/s (p 0.5 / 1) |", "|---|---|---|---|---|"]
+              "| train ms/img, frozen targets recomputed every step "
+              "| synthetic anomalies samples/s (p 0.5 / 1) |", "|---|---|---|---|---|---|"]
     for name, e in record["results"].items():
         synth = (f"{e['synthesis_samples_per_second_p0.5']} / "
                  f"{e['synthesis_samples_per_second_p1.0']}"
                  if "synthesis_samples_per_second_p0.5" in e else "")
         lines.append(f"| {name} | {e['train_batch']} | {e['train_ms_per_image']} "
-                     f"| {e['train_samples_per_second']} | {synth} |")
+                     f"| {e['train_samples_per_second']} "
+                     f"| {e.get('train_ms_per_image_uncached', '')} | {synth} |")
     return "\n".join(lines)
 
 

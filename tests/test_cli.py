@@ -113,17 +113,20 @@ def test_train_with_other_levels_score_window_and_lr_schedule(toy_data: Path,
     run = tmp_path / "run"
     assert main(["train", "--data", str(toy_data), "--out", str(run), "--epochs", "2",
                  "--batch-size", "8", "--image-size", "64", "--strides", "8", "16", "32",
-                 "--score-window", "5", "--lr", "0.2", "--lr-milestones", "0.5",
-                 "--lr-gamma", "0.25", "--device", "cpu", "--no-progress"]) == 0
+                 "--map-strides", "16", "32", "--score-window", "5", "--lr", "0.2",
+                 "--lr-milestones", "0.5", "--lr-gamma", "0.25", "--device", "cpu",
+                 "--no-progress"]) == 0
     config = json.loads((run / "config.json").read_text())
     model_config = config["model"]
     assert model_config["strides"] == [8, 16, 32] and model_config["score_window"] == 5
+    assert model_config["map_strides"] == [16, 32]
     assert config["recipe"]["lr_milestones"] == [0.5] and config["recipe"]["lr_gamma"] == 0.25
     # history.csv gives the lr each epoch trained with: 0.2, then 0.2 x 0.25 after the milestone
     with (run / "history.csv").open() as f:
         assert [float(row["lr"]) for row in csv.DictReader(f)] == pytest.approx([0.2, 0.05])
     detector = Detector.load(run, "cpu")
     assert detector.model.config["score_window"] == 5
+    assert detector.model.config["map_strides"] == [16, 32]
     network = detector.model.method
     assert network.teacher.out_strides == network.student.out_strides == (8, 16, 32)
     assert detector.predict(np.zeros((40, 70), dtype=np.uint8))[0].anomaly_map.shape == (40, 70)

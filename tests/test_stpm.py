@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from anomap import Detector
-from anomap.data import discover
+from anomap import Detector, train
+from anomap.data import Geometry, discover, load_set
 from anomap.evaluate import evaluate_run
 from anomap.methods import build_model
 from anomap.methods.stpm import normalized_distance
-from anomap.train import RunExistsError, fit
+from anomap.train import RunExistsError, cache_frozen_targets, fit
 
 
 def test_normalized_distance_hand_values() -> None:
@@ -49,8 +49,24 @@ def test_map_is_product_of_levels_and_score_is_max() -> None:
             expected *= torch.nn.functional.interpolate(level, size=(64, 64), mode="bilinear",
                                                         align_corners=False)[:, 0]
         maps, scores = model(images)
+        levels = model.level_maps(images)
     assert torch.allclose(maps, expected)
+    assert len(levels) == 3 and torch.allclose(torch.stack(levels).prod(dim=0), maps)
     assert torch.allclose(scores, maps.flatten(1).amax(1))
+
+
+def test_map_strides_multiply_only_the_chosen_levels() -> None:
+    model = build_model("stpm", weights="random", map_strides=[16, 8]).eval()
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        levels = model.level_maps(images)
+        maps = model.anomaly_map(images)
+    assert model.config["map_strides"] == [8, 16]
+    torch.testing.assert_close(maps, levels[1] * levels[2])
+    assert not torch.allclose(maps, levels[0] * levels[1] * levels[2])
+    for wrong in ([32], []):
+        with pytest.raises(ValueError, match="some of the trained strides"):
+            build_model("stpm", weights="random", map_strides=wrong)
 
 
 def test_score_window_scores_the_hottest_region_not_the_hottest_pixel() -> None:
@@ -151,6 +167,35 @@ def test_seeded_training_is_deterministic_and_resume_matches(toy_data: Path,
     history_a = json.loads((tmp_path / "a" / "calibration.json").read_text())["threshold"]
     history_b = json.loads((tmp_path / "b" / "calibration.json").read_text())["threshold"]
     assert history_a == pytest.approx(history_b)
+
+
+def test_teacher_features_are_cached_per_image(toy_data: Path) -> None:
+    train_set = load_set(discover(toy_data).train[:6], Geometry(64, "letterbox"), progress=False)
+    model = build_model("stpm", weights="random")
+    cache = cache_frozen_targets(model, train_set, batch_size=4, device=torch.device("cpu"),
+                                 progress=False)
+    assert cache is not None and [len(t) for t in cache] == [6, 6, 6]
+    with torch.no_grad():
+        fresh = model.teacher(model.teacher.normalize(train_set.images[4:5].float() / 255))
+    for stored, expected in zip(cache, fresh, strict=True):
+        torch.testing.assert_close(stored[4:5], expected)
+    assert cache_frozen_targets(model, train_set, batch_size=4, device=torch.device("cpu"),
+                                budget_bytes=1000, progress=False) is None
+    draem = build_model("draem", base_width=8, disc_base_width=8)
+    assert cache_frozen_targets(draem, train_set, batch_size=4, device=torch.device("cpu"),
+                                progress=False) is None
+
+
+def test_cached_teacher_trains_like_a_teacher_run_every_step(
+        toy_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each batch must get its own images' targets: a shuffled cache would
+    train on the wrong targets and the losses would part at once."""
+    cached = _tiny_fit(toy_data, tmp_path / "cached", epochs=2)["history"]
+    monkeypatch.setattr(train, "TARGET_CACHE_BYTES", 0)
+    recomputed = _tiny_fit(toy_data, tmp_path / "recomputed", epochs=2)["history"]
+    for a, b in zip(cached, recomputed, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
+        assert a["val_mean_score"] == pytest.approx(b["val_mean_score"], rel=1e-2)
 
 
 @pytest.mark.parametrize("selection", ["last", "synthetic"])

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--strides", type=int, nargs="+",
                        help="STPM: feature-pyramid levels as strides (default 4 8 16, the "
                             "paper's; 8 16 32 suits large, low-contrast defects, see README)")
+    train.add_argument("--map-strides", type=int, nargs="+",
+                       help="STPM: the trained levels whose product is the anomaly map "
+                            "(default: all of --strides; see README)")
     train.add_argument("--score-window", type=int,
                        help="image score = max of the map after a KxK mean filter (odd K; "
                             "default: the method's, STPM 1 = plain max, DRAEM 21)")
@@ -152,6 +155,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                      model_config={"backbone": args.backbone, "weights": args.weights,
                                    "anomaly_source": args.anomaly_source,
                                    "strides": args.strides,
+                                   "map_strides": args.map_strides,
                                    "score_window": args.score_window},
                      recipe_overrides=recipe, resize_mode=args.resize_mode,
                      defect_dir=args.defect_dir, mask_dir=args.mask_dir,

@@ -230,16 +230,47 @@ def synthetic_aurocs(model: AnomalyModel, geometry: Geometry, check: LoadedSet,
             pixel_auroc(masks.numpy(), torch.cat((normal_maps, maps)).numpy()))
 
 
+#: most memory the frozen-target cache may take; beyond it targets are recomputed per step
+TARGET_CACHE_BYTES = 2 * 2**30
+
+
+@torch.no_grad()
+def cache_frozen_targets(model: AnomalyModel, train_set: LoadedSet, *, batch_size: int,
+                         device: torch.device, budget_bytes: int | None = None,
+                         progress: bool = True) -> list[torch.Tensor] | None:
+    """The method's ``frozen_targets`` for every training image, on ``device``,
+    or None when the method has none or they would not fit in ``budget_bytes``
+    (default ``TARGET_CACHE_BYTES``)."""
+    budget_bytes = TARGET_CACHE_BYTES if budget_bytes is None else budget_bytes
+    first = model.frozen_targets(to_float(train_set.images[:1]).to(device))
+    if first is None:
+        return None
+    needed = len(train_set) * sum(t.numel() * t.element_size() for t in first)
+    if needed > budget_bytes:
+        log.info("frozen targets need %.1f GiB, over the %.1f GiB cache: computing them "
+                 "every step", needed / 2**30, budget_bytes / 2**30)
+        return None
+    cache = [torch.empty(len(train_set), *t.shape[1:], dtype=t.dtype, device=device)
+             for t in first]
+    for start in tqdm(range(0, len(train_set), batch_size), desc="caching frozen targets",
+                      disable=not progress, leave=False, unit="batch"):
+        images = to_float(train_set.images[start:start + batch_size]).to(device)
+        for stored, target in zip(cache, model.frozen_targets(images), strict=True):
+            stored[start:start + len(images)] = target
+    return cache
+
+
 class _TrainingStep(torch.nn.Module):
     """``training_loss`` as a forward pass, so DataParallel can split a batch
-    over every visible GPU without the method knowing."""
+    (and its cached targets) over every visible GPU without the method knowing."""
 
     def __init__(self, model: AnomalyModel) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.model.training_loss(images)
+    def forward(self, images: torch.Tensor, targets: list[torch.Tensor] | None = None
+                ) -> dict[str, torch.Tensor]:
+        return self.model.training_loss(images, targets)
 
 
 def _training_step(model: AnomalyModel, device: torch.device) -> torch.nn.Module:
@@ -275,6 +306,8 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
     step_fn = _training_step(model, device)
     n = len(train_set)
     batch_size = min(recipe.batch_size, n)
+    targets = cache_frozen_targets(model, train_set, batch_size=batch_size, device=device,
+                                   progress=progress)
     steps = (n + batch_size - 1) // batch_size
     epochs = tqdm(range(start_epoch, recipe.epochs), desc="epochs", initial=start_epoch,
                   total=recipe.epochs, disable=not progress, unit="epoch")
@@ -290,7 +323,9 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
             if len(index) < 2 and steps > 1:  # a batch of 1 breaks BatchNorm statistics
                 continue
             images = to_float(train_set.images[index]).to(device, non_blocking=True)
-            losses = {k: v.mean() for k, v in step_fn(images).items()}  # mean over GPUs
+            batch_targets = (None if targets is None
+                             else [t[index.to(t.device)] for t in targets])
+            losses = {k: v.mean() for k, v in step_fn(images, batch_targets).items()}  # GPU mean
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             optimizer.step()

@@ -102,8 +102,18 @@ class AnomalyModel(nn.Module):
         raise ValueError(f"{self.name} trains on the normal images as they are: "
                          "there are no synthetic samples to show")
 
-    def training_loss(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Losses for one batch of normal images; key ``loss`` is minimised."""
+    def frozen_targets(self, images: torch.Tensor) -> list[torch.Tensor] | None:
+        """What the method's frozen networks make of training images as loaded,
+        or None. A method whose loss compares against a frozen network on
+        unaltered images returns them: they are the same every epoch, so the
+        loop computes them once per run and passes them back to
+        ``training_loss`` (STPM's teacher pass is a quarter of a training step)."""
+        return None
+
+    def training_loss(self, images: torch.Tensor, targets: list[torch.Tensor] | None = None
+                      ) -> dict[str, torch.Tensor]:
+        """Losses for one batch of normal images; key ``loss`` is minimised.
+        ``targets``: this batch's ``frozen_targets``, when the loop has them."""
         raise NotImplementedError
 
     def anomaly_map(self, images: torch.Tensor) -> torch.Tensor:

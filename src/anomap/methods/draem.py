@@ -281,7 +281,8 @@ class DRAEM(AnomalyModel):
                                           p_anomaly=self.config["p_anomaly"])
         return images, augmented, masks
 
-    def training_loss(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def training_loss(self, images: torch.Tensor, targets: list[torch.Tensor] | None = None
+                      ) -> dict[str, torch.Tensor]:
         images, augmented, masks = self.synthetic_batch(images)
         recon, logits = self._networks(augmented)
         l2 = F.mse_loss(recon, images)
