@@ -107,7 +107,7 @@ class AnomalyModel(nn.Module):
         or None. A method whose loss compares against a frozen network on
         unaltered images returns them: they are the same every epoch, so the
         loop computes them once per run and passes them back to
-        ``training_loss`` (STPM's teacher pass is a quarter of a training step)."""
+        ``training_loss`` (STPM's teacher pass is 15-25% of a training step)."""
         return None
 
     def training_loss(self, images: torch.Tensor, targets: list[torch.Tensor] | None = None
