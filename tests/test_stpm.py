@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from anomap import Detector, train
-from anomap.data import Geometry, discover, load_set
+from anomap.data import Geometry, discover, load_set, to_float
 from anomap.evaluate import evaluate_run
 from anomap.methods import build_model
 from anomap.methods.stpm import normalized_distance
@@ -176,7 +176,7 @@ def test_teacher_features_are_cached_per_image(toy_data: Path) -> None:
                                  progress=False)
     assert cache is not None and [len(t) for t in cache] == [6, 6, 6]
     with torch.no_grad():
-        fresh = model.teacher(model.teacher.normalize(train_set.images[4:5].float() / 255))
+        fresh = model.teacher(model.teacher.normalize(to_float(train_set.images[4:5])))
     for stored, expected in zip(cache, fresh, strict=True):
         torch.testing.assert_close(stored[4:5], expected)
     assert cache_frozen_targets(model, train_set, batch_size=4, device=torch.device("cpu"),
