@@ -23,7 +23,9 @@ from typing import Any
 
 import torch
 
+from anomap.calibrate import retune
 from anomap.evaluate import evaluate_run
+from anomap.run import load_history
 from anomap.train import fit
 
 ROOT = Path(__file__).resolve().parent
@@ -115,6 +117,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--runs", type=Path, default=Path("/tmp/anomap_runs"))
     parser.add_argument("--panels", action="store_true", help="also write heat-map panels")
+    parser.add_argument("--retune", type=Path, metavar="RUN",
+                        help="no training: copy this trained run with --map-strides / "
+                             "--score-window and a recalibrated threshold (anomap retune)")
     args = parser.parse_args()
     if not args.data.is_dir():
         sys.exit(f"{args.data}: MTD data not found (see ../shared/data/README.md)")
@@ -124,15 +129,20 @@ def main() -> None:
     model_config = {"backbone": args.backbone, "anomaly_source": args.anomaly_source,
                     "strides": args.strides, "map_strides": args.map_strides,
                     "score_window": args.score_window}  # None: the method's default
-    trained = fit(args.model, args.data, run, model_config=model_config,
-                  recipe_overrides={"epochs": args.epochs, "batch_size": args.batch_size,
-                                    "image_size": args.image_size,
-                                    "selection": args.selection, "lr": args.lr,
-                                    "lr_milestones": args.lr_milestones,
-                                    "lr_gamma": args.lr_gamma},
-                  resize_mode=args.resize_mode, seed=args.seed, device=args.device,
-                  preset=args.preset,
-                  resume=(run / "last.pt").exists(), progress=False)
+    if args.retune:  # no training: the given run's weights, read with the options above
+        calibration = retune(args.retune, run, model_config, device=args.device,
+                             progress=False)
+        trained = {"history": load_history(run), **calibration}
+    else:
+        trained = fit(args.model, args.data, run, model_config=model_config,
+                      recipe_overrides={"epochs": args.epochs, "batch_size": args.batch_size,
+                                        "image_size": args.image_size,
+                                        "selection": args.selection, "lr": args.lr,
+                                        "lr_milestones": args.lr_milestones,
+                                        "lr_gamma": args.lr_gamma},
+                      resize_mode=args.resize_mode, seed=args.seed, device=args.device,
+                      preset=args.preset,
+                      resume=(run / "last.pt").exists(), progress=False)
     train_seconds = time.perf_counter() - started
     result = evaluate_run(run, device=args.device, panels=args.panels, progress=False)
     config = json.loads((run / "config.json").read_text())

@@ -16,7 +16,6 @@ the numbers compare one to one with its results.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import sys
@@ -34,7 +33,7 @@ from tqdm.auto import tqdm
 from anomap import metrics
 from anomap.data import Geometry, Sample, discover, load_image, load_mask, to_float
 from anomap.evaluate import per_defect_type_auroc
-from anomap.run import Detector
+from anomap.run import Detector, load_history
 from anomap.train import fit
 
 
@@ -120,8 +119,7 @@ def main() -> None:
                                                    "image_size": args.window},
             resize_mode="stretch", seed=args.seed, device="cpu",
             resume=(run / "last.pt").exists(), progress=False)
-    with open(run / "history.csv") as handle:
-        history = list(csv.DictReader(handle))
+    history = load_history(run)
 
     detector = Detector.load(run, "cpu")
     frame = Geometry(args.window, "stretch")  # mtd_accuracy's evaluation frame

@@ -73,6 +73,17 @@ def test_train_and_test_on_plain_folders(toy_data: Path, tmp_path: Path,
     code = main(["train", "--data", str(toy_data / "train" / "good"), "--out", str(run),
                  "--no-progress"])
     assert code == 2 and "--resume" in capsys.readouterr().err
+    # retune: same weights, another score window, tested on the same plain-folder data
+    code = main(["retune", "--run", str(run), "--out", str(tmp_path / "retuned"),
+                 "--score-window", "3", "--device", "cpu", "--no-progress", "--test"])
+    assert code == 0, capsys.readouterr().err
+    assert "retuned:" in capsys.readouterr().out
+    retuned = json.loads((tmp_path / "retuned" / "metrics.json").read_text())
+    assert retuned["n_images"] == 15 and retuned["n_defective"] == 5
+    code = main(["retune", "--run", str(run), "--out", str(tmp_path / "bad"),
+                 "--map-strides", "64", "--no-progress"])
+    assert code == 2 and "map_strides" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_clear_errors(tmp_path: Path, toy_data: Path, capsys: pytest.CaptureFixture) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 from anomap import Detector, train
+from anomap.calibrate import normal_split, retune
 from anomap.data import Geometry, discover, load_set, to_float
 from anomap.evaluate import evaluate_run
 from anomap.methods import build_model
@@ -145,9 +147,10 @@ def test_existing_run_is_never_overwritten(trained_run: Path, toy_data: Path) ->
 
 
 def _tiny_fit(data: Path, run: Path, epochs: int, resume: bool = False,
-              selection: str | None = None) -> dict:
+              selection: str | None = None, **recipe: Any) -> dict:
     return fit("stpm", data, run, recipe_overrides={"epochs": epochs, "batch_size": 4,
-                                                    "image_size": 64, "selection": selection},
+                                                    "image_size": 64, "selection": selection,
+                                                    **recipe},
                resize_mode="letterbox", device="cpu", seed=3, resume=resume, progress=False)
 
 
@@ -167,6 +170,47 @@ def test_seeded_training_is_deterministic_and_resume_matches(toy_data: Path,
     history_a = json.loads((tmp_path / "a" / "calibration.json").read_text())["threshold"]
     history_b = json.loads((tmp_path / "b" / "calibration.json").read_text())["threshold"]
     assert history_a == pytest.approx(history_b)
+
+
+def test_a_finished_run_trains_on_with_a_new_lr_schedule(
+        toy_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Resuming with more epochs and lr milestones must give exactly the run that had
+    that schedule from the start; fields a resume cannot change are named, not obeyed."""
+    _tiny_fit(toy_data, tmp_path / "planned", epochs=4, lr_milestones=(0.5,), lr_gamma=0.1)
+    _tiny_fit(toy_data, tmp_path / "extended", epochs=2)
+    with caplog.at_level("WARNING", logger="anomap"):
+        extended = _tiny_fit(toy_data, tmp_path / "extended", epochs=4, resume=True,
+                             lr_milestones=(0.5,), lr_gamma=0.1, lr=0.01)
+    assert [row["lr"] for row in extended["history"]] == pytest.approx([0.4, 0.4, 0.04, 0.04])
+    planned, trained_on = _weights(tmp_path / "planned"), _weights(tmp_path / "extended")
+    for key in planned:
+        assert torch.equal(planned[key], trained_on[key]), key
+    assert "--lr is ignored on resume" in caplog.text
+    saved = json.loads((tmp_path / "extended" / "config.json").read_text())["recipe"]
+    assert (saved["epochs"], saved["lr_milestones"], saved["lr"]) == (4, [0.5], 0.4)
+
+
+def test_retune_reads_the_map_anew_and_recalibrates_on_held_out_normals(
+        trained_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "retuned"
+    calibration = retune(trained_run, out, {"map_strides": [8, 16], "score_window": 3},
+                         device="cpu", progress=False)
+    assert (out / "model.pt").read_bytes() == (trained_run / "model.pt").read_bytes()
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["map_strides"] == [8, 16] and config["model"]["score_window"] == 3
+    _, held_out = normal_split(config)
+    detector = Detector.load(out, "cpu")
+    scores = [p.score for p in detector.predict([sample.path for sample in held_out])]
+    assert calibration["threshold"] == pytest.approx(np.quantile(scores, 0.99), rel=1e-4)
+    old = json.loads((trained_run / "calibration.json").read_text())["threshold"]
+    assert calibration["threshold"] != pytest.approx(old, rel=0.05)  # the old one no longer fits
+    with pytest.raises(ValueError, match="retraining"):
+        retune(trained_run, tmp_path / "a", {"strides": [8, 16, 32]}, progress=False)
+    with pytest.raises(ValueError, match="map_strides"):
+        retune(trained_run, tmp_path / "b", {"map_strides": [32]}, progress=False)
+    with pytest.raises(RunExistsError):
+        retune(trained_run, out, {"score_window": 5}, progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_teacher_features_are_cached_per_image(toy_data: Path) -> None:

@@ -38,6 +38,22 @@ def _add_precision_arg(parser: argparse.ArgumentParser) -> None:
                              "maps; auto: bf16 where native, else fp32 (default: fp32)")
 
 
+def _add_inference_args(parser: argparse.ArgumentParser) -> None:
+    """Options that change how a trained model's map is read (``retune`` may change them)."""
+    parser.add_argument("--map-strides", type=int, nargs="+",
+                        help="STPM: the trained levels whose product is the anomaly map "
+                             "(default: all of --strides; see README)")
+    parser.add_argument("--score-window", type=int,
+                        help="image score = max of the map after a KxK mean filter (odd K; "
+                             "default: the method's, STPM 1 = plain max, DRAEM 21)")
+
+
+def _add_quantile_arg(parser: argparse.ArgumentParser, default: float | None) -> None:
+    parser.add_argument("--threshold-quantile", type=float, default=default,
+                        help="threshold = this quantile of held-out normal scores"
+                             + (f" (default {default})" if default else " (default: the run's)"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from anomap.methods import METHODS, SELECTION_RULES
 
@@ -64,12 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--strides", type=int, nargs="+",
                        help="STPM: feature-pyramid levels as strides (default 4 8 16, the "
                             "paper's; 8 16 32 suits large, low-contrast defects, see README)")
-    train.add_argument("--map-strides", type=int, nargs="+",
-                       help="STPM: the trained levels whose product is the anomaly map "
-                            "(default: all of --strides; see README)")
-    train.add_argument("--score-window", type=int,
-                       help="image score = max of the map after a KxK mean filter (odd K; "
-                            "default: the method's, STPM 1 = plain max, DRAEM 21)")
+    _add_inference_args(train)
     train.add_argument("--preset", default="auto",
                        help="recipe: paper (faithful), cpu (methods too heavy for a CPU), "
                             "auto = paper on a GPU, cpu on a CPU")
@@ -84,11 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="letterbox keeps the aspect ratio (default); stretch squashes")
     train.add_argument("--val-fraction", type=float, default=0.2,
                        help="share of normal images held out for selection and threshold")
-    train.add_argument("--threshold-quantile", type=float, default=0.99,
-                       help="threshold = this quantile of held-out normal scores")
+    _add_quantile_arg(train, default=0.99)
     train.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    train.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run; with --epochs, --lr-milestones, "
+                            "--lr-gamma also train a finished run on (see README)")
     train.add_argument("--test", action="store_true", help="run 'anomap test' afterwards")
     train.add_argument("--no-progress", action="store_true")
 
@@ -102,6 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_precision_arg(test)
     test.add_argument("--no-panels", action="store_true", help="skip heat-map PNGs")
     test.add_argument("--no-progress", action="store_true")
+
+    retune = commands.add_parser(
+        "retune", help="copy a trained run with other map/score options and a recalibrated "
+                       "threshold (no retraining)")
+    retune.add_argument("--run", required=True, type=Path, help="the trained run")
+    retune.add_argument("--out", required=True, type=Path, help="the new run folder")
+    _add_inference_args(retune)
+    _add_quantile_arg(retune, default=None)
+    retune.add_argument("--device", default="auto")
+    retune.add_argument("--batch-size", type=int, default=8)
+    retune.add_argument("--test", action="store_true", help="run 'anomap test' afterwards")
+    retune.add_argument("--no-progress", action="store_true")
 
     predict = commands.add_parser("predict", help="score new images")
     predict.add_argument("--run", required=True, type=Path)
@@ -187,6 +211,23 @@ def cmd_test(args: argparse.Namespace) -> int:
     _print_metrics(result)
     out = args.out or args.run
     print(f"metrics: {out / 'metrics.json'}  report: {out / 'report.html'}")
+    return 0
+
+
+def cmd_retune(args: argparse.Namespace) -> int:
+    from anomap.calibrate import retune
+    from anomap.evaluate import evaluate_run
+
+    calibration = retune(args.run, args.out, {"map_strides": args.map_strides,
+                                              "score_window": args.score_window},
+                         threshold_quantile=args.threshold_quantile, device=args.device,
+                         batch_size=args.batch_size, progress=not args.no_progress)
+    print(f"retuned: {args.out}  threshold {calibration['threshold']:.6g} "
+          f"(quantile {calibration['quantile']} of {calibration['n_images']} held-out normals)")
+    if args.test:
+        _print_metrics(evaluate_run(args.out, device=args.device, batch_size=args.batch_size,
+                                    progress=not args.no_progress))
+        print(f"report: {args.out / 'report.html'}")
     return 0
 
 
@@ -297,8 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="anomap: %(levelname)s: %(message)s")
-    handler = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict,
-               "samples": cmd_samples, "demo": cmd_demo}[args.command]
+    handler = {"train": cmd_train, "test": cmd_test, "retune": cmd_retune,
+               "predict": cmd_predict, "samples": cmd_samples, "demo": cmd_demo}[args.command]
     try:
         return handler(args)
     except EXPECTED_ERRORS as error:

@@ -17,6 +17,7 @@ the data or the teacher's original weights:
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +45,10 @@ class RunError(RuntimeError):
     """A run folder that is missing or incomplete."""
 
 
+class RunExistsError(RuntimeError):
+    """Refuse to overwrite a run: work is never lost by a repeated command."""
+
+
 def load_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(Path(path).read_text())
@@ -51,6 +56,17 @@ def load_json(path: Path) -> dict[str, Any]:
         raise RunError(f"{path}: missing; is this a folder written by 'anomap train'?") from None
     except json.JSONDecodeError as error:
         raise RunError(f"{path}: not valid JSON ({error})") from None
+
+
+def load_history(run_dir: str | Path) -> list[dict[str, Any]]:
+    """A run's history.csv, one dict of numbers per epoch (``best`` as a bool)."""
+    path = Path(run_dir) / HISTORY_FILE
+    if not path.is_file():
+        raise RunError(f"{path}: missing; training has not finished an epoch")
+    with path.open(newline="") as handle:
+        return [{key: (value == "True") if key == "best" else
+                 int(value) if key == "epoch" else float(value) for key, value in row.items()}
+                for row in csv.DictReader(handle)]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -18,7 +18,8 @@ import logging
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -28,27 +29,25 @@ from tqdm.auto import tqdm
 
 from anomap import __version__
 from anomap.allocator import keep_freed_memory
-from anomap.data import Geometry, LoadedSet, discover, load_set, split_holdout, to_float
+from anomap.calibrate import Calibration, normal_split
+from anomap.data import Geometry, LoadedSet, load_set, to_float
 from anomap.evaluate import infer
 from anomap.files import save_json, save_torch
 from anomap.methods import AnomalyModel, Recipe, build_model, get_method
-from anomap.metrics import calibrate_threshold, image_auroc, pixel_auroc
+from anomap.metrics import image_auroc, pixel_auroc
 from anomap.run import (
     CALIBRATION_FILE,
     CONFIG_FILE,
     HISTORY_FILE,
     STATE_FILE,
     WEIGHTS_FILE,
+    RunExistsError,
     load_json,
     resolve_device,
 )
 from anomap.synth import make_anomaly_source, synthesize
 
 log = logging.getLogger(__name__)
-
-
-class RunExistsError(RuntimeError):
-    """Refuse to overwrite a run: work is never lost by a repeated command."""
 
 
 def seed_everything(seed: int) -> None:
@@ -69,17 +68,52 @@ def build_optimizer(recipe: Recipe, params: list[torch.nn.Parameter]
         optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     else:
         raise ValueError(f"unknown optimizer {recipe.optimizer!r}: sgd, adam or adamw")
-    milestones = sorted({max(1, int(round(f * recipe.epochs))) for f in recipe.lr_milestones})
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, recipe.lr_gamma)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, lr_milestone_epochs(recipe),
+                                                     recipe.lr_gamma)
     return optimizer, scheduler
 
 
-def _display_range(maps: torch.Tensor, threshold: float) -> tuple[float, float]:
-    """Heat-map colour range: normal texture sits at the low end, the threshold
-    at the middle, so a defect above it glows and normal images stay cool."""
-    sample = maps.flatten()[:: max(1, maps.numel() // 2_000_000)]
-    low = float(sample.median())
-    return low, low + 2.0 * max(threshold - low, 1e-12)
+def lr_milestone_epochs(recipe: Recipe) -> list[int]:
+    """The epochs after which the lr is multiplied by ``lr_gamma``."""
+    return sorted({max(1, int(round(f * recipe.epochs))) for f in recipe.lr_milestones})
+
+
+#: Recipe fields a resumed run may change: train it on for longer and decay the lr at the end.
+EXTENDABLE = ("epochs", "lr_milestones", "lr_gamma")
+
+
+def _extended_recipe(saved: dict[str, Any], overrides: dict[str, Any], run_dir: Path
+                     ) -> dict[str, Any]:
+    """The saved recipe with the fields a resume may change; others given are ignored, loudly."""
+    recipe = dict(saved)
+    for key, value in overrides.items():
+        if value is None or (key in recipe and _same(recipe[key], value)):
+            continue
+        if key in EXTENDABLE:
+            recipe[key] = list(value) if key == "lr_milestones" else value
+            log.info("%s: %s changed from %s to %s on resume", run_dir, key, saved.get(key), value)
+        else:
+            log.warning("%s: --%s is ignored on resume (the run keeps %s); only %s may change",
+                        run_dir, key.replace("_", "-"), saved.get(key),
+                        ", ".join("--" + k.replace("_", "-") for k in EXTENDABLE))
+    return recipe
+
+
+def _same(saved: Any, given: Any) -> bool:
+    if isinstance(saved, (list, tuple)) and isinstance(given, (list, tuple)):
+        return list(saved) == list(given)
+    return saved == given
+
+
+def _follow_recipe(scheduler: torch.optim.lr_scheduler.MultiStepLR, recipe: Recipe,
+                   epoch: int) -> None:
+    """Point a restored scheduler at the recipe's milestones (a resume may move them) and set
+    the lr the recipe gives after ``epoch`` finished epochs."""
+    milestones = lr_milestone_epochs(recipe)
+    scheduler.milestones, scheduler.gamma = Counter(milestones), recipe.lr_gamma
+    passed = sum(milestone <= epoch for milestone in milestones)
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["lr"] = base * recipe.lr_gamma ** passed
 
 
 def fit(method: str, data: str | Path, run_dir: str | Path, *,
@@ -102,8 +136,7 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path}: nothing to resume in {run_dir}")
         config = load_json(config_path)
-        if recipe_overrides and recipe_overrides.get("epochs"):
-            config["recipe"]["epochs"] = int(recipe_overrides["epochs"])
+        config["recipe"] = _extended_recipe(config["recipe"], recipe_overrides or {}, run_dir)
     else:
         if (run_dir / STATE_FILE).exists() or config_path.exists():
             raise RunExistsError(
@@ -146,10 +179,7 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
 
     # Build first: a wrong backbone name or unavailable weights fail before any data is read.
     model = build_model(config["method"], **config["model"]).to(torch_device)
-    spec = discover(config["data"]["root"])
-    for warning in spec.warnings:
-        log.warning(warning)
-    train_samples, val_samples = split_holdout(spec.train, config["data"]["val_fraction"], seed)
+    train_samples, val_samples = normal_split(config)
     train_set = load_set(train_samples, geometry, desc="reading training images",
                          progress=progress)
     val_set = (load_set(val_samples, geometry, desc="reading validation images",
@@ -172,28 +202,6 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
                           source="training images (no validation split)")
     return {"run_dir": str(run_dir), "history": history,
             **load_json(run_dir / CALIBRATION_FILE)}
-
-
-@dataclass
-class Calibration:
-    """Writes calibration.json whenever a new best checkpoint is kept, from the
-    held-out scores the loop has just computed: a run can be tested or used at
-    any moment of its training, and after an interruption."""
-
-    run_dir: Path
-    quantile: float
-    skipped: list[str]
-
-    def write(self, maps: torch.Tensor, scores: np.ndarray, epoch: int,
-              source: str = "validation") -> None:
-        threshold = calibrate_threshold(scores, quantile=self.quantile)
-        save_json({
-            "threshold": threshold, "quantile": self.quantile, "source": source,
-            "n_images": len(scores), "score_mean": float(scores.mean()),
-            "score_max": float(scores.max()),
-            "display_range": _display_range(maps, threshold), "best_epoch": epoch,
-            "n_skipped": len(self.skipped), "skipped": self.skipped,
-        }, self.run_dir / CALIBRATION_FILE)
 
 
 def synthetic_check_set(val_set: LoadedSet, geometry: Geometry, seed: int,
@@ -301,6 +309,7 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         start_epoch, best_val, history = state["epoch"], state["best_val"], state["history"]
+        _follow_recipe(scheduler, recipe, start_epoch)
         log.info("resuming %s after epoch %d", run_dir, start_epoch)
     model.to(device).train()
     step_fn = _training_step(model, device)

@@ -61,6 +61,9 @@ class AnomalyModel(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    #: config keys that change how a map is read, not what is learnt: ``anomap retune``
+    #: may change them on a trained run
+    inference_options: ClassVar[tuple[str, ...]] = ("score_window",)
 
     def __init__(self, **config: Any) -> None:
         super().__init__()

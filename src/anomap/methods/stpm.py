@@ -54,6 +54,7 @@ class STPM(AnomalyModel):
     """Teacher + student feature pyramids; the map is where they disagree."""
 
     name = "stpm"
+    inference_options = ("score_window", "map_strides")
 
     def __init__(self, backbone: str = "efficientnet_lite0", weights: str | None = "imagenet",
                  strides: tuple[int, ...] | list[int] = (4, 8, 16), score_window: int = 1,
