@@ -186,6 +186,8 @@ def test_a_finished_run_trains_on_with_a_new_lr_schedule(
     for key in planned:
         assert torch.equal(planned[key], trained_on[key]), key
     assert "--lr is ignored on resume" in caplog.text
+    with pytest.raises(ValueError, match="trained 4 epochs already"):
+        _tiny_fit(toy_data, tmp_path / "extended", epochs=3, resume=True)
     saved = json.loads((tmp_path / "extended" / "config.json").read_text())["recipe"]
     assert (saved["epochs"], saved["lr_milestones"], saved["lr"]) == (4, [0.5], 0.4)
 
@@ -208,9 +210,11 @@ def test_retune_reads_the_map_anew_and_recalibrates_on_held_out_normals(
         retune(trained_run, tmp_path / "a", {"strides": [8, 16, 32]}, progress=False)
     with pytest.raises(ValueError, match="map_strides"):
         retune(trained_run, tmp_path / "b", {"map_strides": [32]}, progress=False)
+    with pytest.raises(ValueError, match="quantile"):
+        retune(trained_run, tmp_path / "c", {}, threshold_quantile=1.5, progress=False)
     with pytest.raises(RunExistsError):
         retune(trained_run, out, {"score_window": 5}, progress=False)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not any((tmp_path / name).exists() for name in ("a", "b", "c"))
 
 
 def test_teacher_features_are_cached_per_image(toy_data: Path) -> None:

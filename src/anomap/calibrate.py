@@ -23,7 +23,7 @@ import torch
 from anomap.data import LoadedSet, Sample, discover, load_set, split_holdout
 from anomap.evaluate import infer
 from anomap.files import save_json
-from anomap.methods import build_model, get_method
+from anomap.methods import get_method
 from anomap.metrics import calibrate_threshold
 from anomap.run import (
     CALIBRATION_FILE,
@@ -31,7 +31,6 @@ from anomap.run import (
     HISTORY_FILE,
     STATE_FILE,
     WEIGHTS_FILE,
-    RunError,
     RunExistsError,
     geometry_from_config,
     load_json,
@@ -40,6 +39,9 @@ from anomap.run import (
 )
 
 log = logging.getLogger(__name__)
+
+#: calibration "source" when a run holds no images out (--val-fraction 0)
+NO_SPLIT_SOURCE = "training images (no validation split)"
 
 
 def display_range(maps: torch.Tensor, threshold: float) -> tuple[float, float]:
@@ -85,40 +87,49 @@ def retune(run_dir: str | Path, out_dir: str | Path, options: dict[str, Any], *,
            batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
     """Copy a trained run to ``out_dir`` with new inference ``options`` and a
     threshold recalibrated on its held-out normals; returns the new calibration.
-    No retraining: only options the method lists as ``inference_options`` may change."""
+    No retraining: only options the method lists as ``inference_options`` may
+    change. All or nothing: ``out_dir`` appears only once everything is written."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     config = load_json(run_dir / CONFIG_FILE)
     method = get_method(config["method"])
     given = {k: v for k, v in options.items() if v is not None}
-    fixed = sorted(set(given) - set(method.inference_options))
-    if fixed:
-        raise ValueError(f"{', '.join(fixed)}: changes what {method.name} learns, so it needs "
-                         f"retraining; retune changes only "
+    unknown = sorted(set(given) - set(method.default_config()))
+    if unknown:
+        raise ValueError(f"{method.name} has no option {', '.join(unknown)}; retune changes "
+                         f"only {', '.join(method.inference_options)}")
+    learnt = sorted(set(given) - set(method.inference_options))
+    if learnt:
+        raise ValueError(f"{', '.join(learnt)}: changes what {method.name} learns, so it "
+                         f"needs retraining; retune changes only "
                          f"{', '.join(method.inference_options)}")
-    if (out_dir / CONFIG_FILE).exists():
-        raise RunExistsError(f"{out_dir} already holds a run; choose another --out folder")
+    if out_dir.exists():
+        raise RunExistsError(f"{out_dir} already exists; choose another --out folder")
     config = {**config, "model": {**config["model"], **given},
               "retuned_from": str(run_dir.resolve()), "command": " ".join(sys.argv)}
-    if threshold_quantile is not None:
-        config["threshold_quantile"] = threshold_quantile
-    build_model(config["method"], **{**config["model"], "weights": None})  # options valid?
-    if not (run_dir / WEIGHTS_FILE).is_file():
-        raise RunError(f"{run_dir / WEIGHTS_FILE}: no weights yet; nothing to retune")
+    quantile = config["threshold_quantile"] if threshold_quantile is None else threshold_quantile
+    if not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"--threshold-quantile must be in [0, 1], got {quantile}")
+    config["threshold_quantile"] = quantile
+    torch_device = resolve_device(device)
+    model, _ = load_model(run_dir, torch_device, config=config)  # validates the options
+    epoch = int(torch.load(run_dir / WEIGHTS_FILE, map_location="cpu",
+                           weights_only=True).get("epoch", 0))
 
     geometry = geometry_from_config(config)
     train_samples, val_samples = normal_split(config)
     loaded: LoadedSet = load_set(val_samples or train_samples, geometry,
                                  desc="reading held-out images", progress=progress)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    maps, scores = infer(model, geometry, loaded, batch_size=batch_size, device=torch_device,
+                         progress=progress, desc="calibrating")
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
     for name in (WEIGHTS_FILE, STATE_FILE, HISTORY_FILE):
         if (run_dir / name).is_file():
-            shutil.copy2(run_dir / name, out_dir / name)
-    save_json(config, out_dir / CONFIG_FILE)
-    model, _ = load_model(out_dir, device=resolve_device(device))
-    maps, scores = infer(model, geometry, loaded, batch_size=batch_size, progress=progress,
-                         desc="calibrating")
-    epoch = int(load_json(run_dir / CALIBRATION_FILE).get("best_epoch", 0))
-    source = "validation" if val_samples else "training images (no validation split)"
-    Calibration(out_dir, config["threshold_quantile"], loaded.skipped).write(
-        maps, scores, epoch, source=f"{source}, retuned")
+            shutil.copy2(run_dir / name, partial / name)
+    save_json(config, partial / CONFIG_FILE)
+    source = "validation" if val_samples else NO_SPLIT_SOURCE
+    Calibration(partial, quantile, loaded.skipped).write(maps, scores, epoch,
+                                                         source=f"{source}, retuned")
+    partial.rename(out_dir)
     return load_json(out_dir / CALIBRATION_FILE)

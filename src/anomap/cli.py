@@ -51,7 +51,8 @@ def _add_inference_args(parser: argparse.ArgumentParser) -> None:
 def _add_quantile_arg(parser: argparse.ArgumentParser, default: float | None) -> None:
     parser.add_argument("--threshold-quantile", type=float, default=default,
                         help="threshold = this quantile of held-out normal scores"
-                             + (f" (default {default})" if default else " (default: the run's)"))
+                             + (f" (default {default})" if default is not None
+                                else " (default: the run's)"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,8 +223,8 @@ def cmd_retune(args: argparse.Namespace) -> int:
                                               "score_window": args.score_window},
                          threshold_quantile=args.threshold_quantile, device=args.device,
                          batch_size=args.batch_size, progress=not args.no_progress)
-    print(f"retuned: {args.out}  threshold {calibration['threshold']:.6g} "
-          f"(quantile {calibration['quantile']} of {calibration['n_images']} held-out normals)")
+    print(f"retuned: {args.out}  threshold {calibration['threshold']:.6g} (quantile "
+          f"{calibration['quantile']} of {calibration['n_images']} {calibration['source']})")
     if args.test:
         _print_metrics(evaluate_run(args.out, device=args.device, batch_size=args.batch_size,
                                     progress=not args.no_progress))

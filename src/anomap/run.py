@@ -64,9 +64,12 @@ def load_history(run_dir: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise RunError(f"{path}: missing; training has not finished an epoch")
     with path.open(newline="") as handle:
-        return [{key: (value == "True") if key == "best" else
-                 int(value) if key == "epoch" else float(value) for key, value in row.items()}
-                for row in csv.DictReader(handle)]
+        try:
+            return [{key: (value == "True") if key == "best" else
+                     int(value) if key == "epoch" else float(value)
+                     for key, value in row.items()} for row in csv.DictReader(handle)]
+        except (TypeError, ValueError) as error:
+            raise RunError(f"{path}: not a history written by anomap ({error})") from None
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -86,11 +89,12 @@ def geometry_from_config(config: dict[str, Any]) -> Geometry:
 
 
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
-               weights_file: str = WEIGHTS_FILE) -> tuple[AnomalyModel, dict[str, Any]]:
-    """Rebuild the model from config.json and load its weights (no download:
-    the teacher's weights are inside the checkpoint)."""
+               weights_file: str = WEIGHTS_FILE, config: dict[str, Any] | None = None
+               ) -> tuple[AnomalyModel, dict[str, Any]]:
+    """Rebuild the model from config.json (or the ``config`` given) and load the
+    run's weights (no download: the teacher's weights are inside the checkpoint)."""
     run_dir = Path(run_dir)
-    config = load_json(run_dir / CONFIG_FILE)
+    config = config or load_json(run_dir / CONFIG_FILE)
     model = build_model(config["method"], **{**config["model"], "weights": None})
     path = run_dir / weights_file
     if not path.is_file():

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from anomap import __version__
 from anomap.allocator import keep_freed_memory
-from anomap.calibrate import Calibration, normal_split
+from anomap.calibrate import NO_SPLIT_SOURCE, Calibration, normal_split
 from anomap.data import Geometry, LoadedSet, load_set, to_float
 from anomap.evaluate import infer
 from anomap.files import save_json, save_torch
@@ -99,6 +99,13 @@ def _extended_recipe(saved: dict[str, Any], overrides: dict[str, Any], run_dir: 
     return recipe
 
 
+def _epochs_done(run_dir: Path) -> int:
+    state = run_dir / STATE_FILE
+    if not state.is_file():
+        return 0
+    return int(torch.load(state, map_location="cpu", weights_only=False, mmap=True)["epoch"])
+
+
 def _same(saved: Any, given: Any) -> bool:
     if isinstance(saved, (list, tuple)) and isinstance(given, (list, tuple)):
         return list(saved) == list(given)
@@ -109,11 +116,20 @@ def _follow_recipe(scheduler: torch.optim.lr_scheduler.MultiStepLR, recipe: Reci
                    epoch: int) -> None:
     """Point a restored scheduler at the recipe's milestones (a resume may move them) and set
     the lr the recipe gives after ``epoch`` finished epochs."""
-    milestones = lr_milestone_epochs(recipe)
-    scheduler.milestones, scheduler.gamma = Counter(milestones), recipe.lr_gamma
-    passed = sum(milestone <= epoch for milestone in milestones)
+    milestones = Counter(lr_milestone_epochs(recipe))
+    if milestones == scheduler.milestones and recipe.lr_gamma == scheduler.gamma:
+        return  # the saved schedule: keep its lr exactly as it was
+    scheduler.milestones, scheduler.gamma = milestones, recipe.lr_gamma
+    passed = sum(count for milestone, count in milestones.items() if milestone <= epoch)
     for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
-        group["lr"] = base * recipe.lr_gamma ** passed
+        lr = base
+        for _ in range(passed):  # as MultiStepLR multiplies, to the last bit
+            lr *= recipe.lr_gamma
+        if lr > group["lr"]:
+            log.warning("lr goes up from %g to %g on resume: the new milestones lie after "
+                        "epoch %d, where the old schedule had decayed it", group["lr"], lr, epoch)
+        group["lr"] = lr
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 def fit(method: str, data: str | Path, run_dir: str | Path, *,
@@ -137,6 +153,10 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
             raise FileNotFoundError(f"{config_path}: nothing to resume in {run_dir}")
         config = load_json(config_path)
         config["recipe"] = _extended_recipe(config["recipe"], recipe_overrides or {}, run_dir)
+        done = _epochs_done(run_dir)
+        if config["recipe"]["epochs"] < done:
+            raise ValueError(f"{run_dir} has trained {done} epochs already; --epochs "
+                             f"{config['recipe']['epochs']} would end before that")
     else:
         if (run_dir / STATE_FILE).exists() or config_path.exists():
             raise RunExistsError(
@@ -199,7 +219,7 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
                              batch_size=recipe.batch_size, progress=progress,
                              desc="calibrating")
         calibration.write(maps, scores, history[-1]["epoch"],
-                          source="training images (no validation split)")
+                          source=NO_SPLIT_SOURCE)
     return {"run_dir": str(run_dir), "history": history,
             **load_json(run_dir / CALIBRATION_FILE)}
 
