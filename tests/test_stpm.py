@@ -190,6 +190,8 @@ def test_a_finished_run_trains_on_with_a_new_lr_schedule(
         _tiny_fit(toy_data, tmp_path / "extended", epochs=3, resume=True)
     saved = json.loads((tmp_path / "extended" / "config.json").read_text())["recipe"]
     assert (saved["epochs"], saved["lr_milestones"], saved["lr"]) == (4, [0.5], 0.4)
+    assert len(json.loads((tmp_path / "extended" / "config.json").read_text())
+               ["resume_commands"]) == 1
 
 
 def test_retune_reads_the_map_anew_and_recalibrates_on_held_out_normals(

@@ -153,6 +153,7 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
             raise FileNotFoundError(f"{config_path}: nothing to resume in {run_dir}")
         config = load_json(config_path)
         config["recipe"] = _extended_recipe(config["recipe"], recipe_overrides or {}, run_dir)
+        config["resume_commands"] = [*config.get("resume_commands", []), " ".join(sys.argv)]
         done = _epochs_done(run_dir)
         if config["recipe"]["epochs"] < done:
             raise ValueError(f"{run_dir} has trained {done} epochs already; --epochs "
