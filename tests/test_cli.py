@@ -80,6 +80,9 @@ def test_train_and_test_on_plain_folders(toy_data: Path, tmp_path: Path,
     assert "retuned:" in capsys.readouterr().out
     retuned = json.loads((tmp_path / "retuned" / "metrics.json").read_text())
     assert retuned["n_images"] == 15 and retuned["n_defective"] == 5
+    assert "score window 3" in retuned["settings"]
+    assert retuned["settings"].endswith("retuned from run")
+    assert "score window 3" in (tmp_path / "retuned" / "report.html").read_text()
     code = main(["retune", "--run", str(run), "--out", str(tmp_path / "bad"),
                  "--map-strides", "64", "--no-progress"])
     assert code == 2 and "map_strides" in capsys.readouterr().err

@@ -96,6 +96,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, *,
         model_images_per_second=round(len(loaded) / model_seconds, 3),
         precision=detector.precision, batch_size=batch_size,
         method=config.get("method"), backbone=config.get("model", {}).get("backbone"),
+        settings=describe_settings(config),
         data=str(spec.root), **report.confusion_at(labels, scores, threshold))
 
     rows = []
@@ -136,9 +137,30 @@ def per_defect_type_auroc(samples: list[Sample], scores: np.ndarray) -> dict[str
             for t in sorted(set(types[labels == 1]))}
 
 
+def describe_settings(config: dict[str, Any]) -> str:
+    """One line that says which model a report is about: the options that change its numbers."""
+    model, recipe = config.get("model", {}), config.get("recipe", {})
+    geometry = config.get("geometry", {})
+    parts = [str(config.get("method", "")), str(model.get("backbone", "") or "")]
+    levels = "/".join(map(str, model.get("strides") or []))
+    if levels:
+        parts.append(f"levels {levels}")
+    if model.get("map_strides"):
+        parts.append(f"map {'/'.join(map(str, model['map_strides']))}")
+    if model.get("score_window", 1) != 1:
+        parts.append(f"score window {model['score_window']}")
+    if geometry:
+        parts.append(f"{geometry.get('size')} px {geometry.get('mode')}")
+    if recipe:
+        parts.append(f"{recipe.get('epochs')} epochs, batch {recipe.get('batch_size')}")
+    if config.get("retuned_from"):
+        parts.append(f"retuned from {Path(config['retuned_from']).name}")
+    return ", ".join(part for part in parts if part)
+
+
 def _headline(result: dict[str, Any]) -> dict[str, Any]:
-    keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "f1_threshold", "threshold",
-            "n_images", "n_defective", "n_skipped", "seconds", "images_per_second")
+    keys = ("settings", "image_auroc", "pixel_auroc", "aupro", "image_f1_max", "f1_threshold",
+            "threshold", "n_images", "n_defective", "n_skipped", "seconds", "images_per_second")
     return {k: result[k] for k in keys if k in result}
 
 
