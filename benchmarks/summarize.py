@@ -23,6 +23,10 @@ def _model(config: dict) -> str:
         text = f"{model['backbone']}, strides {'/'.join(map(str, model['strides']))}"
         if model.get("map_strides"):
             text += f", map {'/'.join(map(str, model['map_strides']))}"
+        if model.get("score_window", 1) != 1:
+            text += f", window {model['score_window']}"
+        if config.get("retuned_from"):
+            text += f", retuned from {Path(config['retuned_from']).name}"
         return text
     return (f"widths {model['base_width']}/{model['disc_base_width']}, "
             f"source {model.get('anomaly_source') or 'builtin'}")
