@@ -26,6 +26,7 @@ import torch
 from anomap.calibrate import retune
 from anomap.evaluate import evaluate_run
 from anomap.run import load_history
+from anomap.standardize import NORMALIZATIONS
 from anomap.train import fit
 
 ROOT = Path(__file__).resolve().parent
@@ -117,9 +118,12 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--runs", type=Path, default=Path("/tmp/anomap_runs"))
     parser.add_argument("--panels", action="store_true", help="also write heat-map panels")
+    parser.add_argument("--map-normalization", default=None, choices=NORMALIZATIONS,
+                        help="default: none (training), the run's (--retune)")
     parser.add_argument("--retune", type=Path, metavar="RUN",
                         help="no training: copy this trained run with --map-strides / "
-                             "--score-window and a recalibrated threshold (anomap retune)")
+                             "--score-window / --map-normalization and a recalibrated "
+                             "threshold (anomap retune)")
     args = parser.parse_args()
     if not args.data.is_dir():
         sys.exit(f"{args.data}: MTD data not found (see ../shared/data/README.md)")
@@ -131,7 +135,7 @@ def main() -> None:
                     "score_window": args.score_window}  # None: the method's default
     if args.retune:  # no training: the given run's weights, read with the options above
         calibration = retune(args.retune, run, model_config, device=args.device,
-                             progress=False)
+                             map_normalization=args.map_normalization, progress=False)
         trained = {"history": load_history(run), **calibration}
     else:
         trained = fit(args.model, args.data, run, model_config=model_config,
@@ -141,7 +145,7 @@ def main() -> None:
                                         "lr_milestones": args.lr_milestones,
                                         "lr_gamma": args.lr_gamma},
                       resize_mode=args.resize_mode, seed=args.seed, device=args.device,
-                      preset=args.preset,
+                      preset=args.preset, map_normalization=args.map_normalization or "none",
                       resume=(run / "last.pt").exists(), progress=False)
     train_seconds = time.perf_counter() - started
     result = evaluate_run(run, device=args.device, panels=args.panels, progress=False)
@@ -154,6 +158,7 @@ def main() -> None:
                                            "image_f1_max", "threshold", "n_images",
                                            "n_skipped", "images_per_second",
                                            "model_images_per_second")},
+        "at_threshold": {k: result[k] for k in ("tp", "fn", "fp", "tn") if k in result},
         "per_defect_type_image_auroc": result["per_defect_type"],
         "best_epoch": trained["best_epoch"],
         "epochs": config["recipe"]["epochs"],

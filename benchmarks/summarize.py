@@ -25,6 +25,8 @@ def _model(config: dict) -> str:
             text += f", map {'/'.join(map(str, model['map_strides']))}"
         if model.get("score_window", 1) != 1:
             text += f", window {model['score_window']}"
+        if config.get("map_normalization", "none") != "none":
+            text += f", normalised per {config['map_normalization']}"
         if config.get("retuned_from"):
             text += f", retuned from {Path(config['retuned_from']).name}"
         return text

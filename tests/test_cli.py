@@ -73,14 +73,18 @@ def test_train_and_test_on_plain_folders(toy_data: Path, tmp_path: Path,
     code = main(["train", "--data", str(toy_data / "train" / "good"), "--out", str(run),
                  "--no-progress"])
     assert code == 2 and "--resume" in capsys.readouterr().err
-    # retune: same weights, another score window, tested on the same plain-folder data
+    # retune: same weights, another score window, maps read per position, tested on
+    # the same plain-folder data
     code = main(["retune", "--run", str(run), "--out", str(tmp_path / "retuned"),
-                 "--score-window", "3", "--device", "cpu", "--no-progress", "--test"])
+                 "--score-window", "3", "--map-normalization", "position", "--device", "cpu",
+                 "--no-progress", "--test"])
     assert code == 0, capsys.readouterr().err
     assert "retuned:" in capsys.readouterr().out
     retuned = json.loads((tmp_path / "retuned" / "metrics.json").read_text())
     assert retuned["n_images"] == 15 and retuned["n_defective"] == 5
     assert "score window 3" in retuned["settings"]
+    assert "map normalised per position" in retuned["settings"]
+    assert (tmp_path / "retuned" / "position_stats.pt").is_file()
     assert retuned["settings"].endswith("retuned from run")
     assert "score window 3" in (tmp_path / "retuned" / "report.html").read_text()
     code = main(["retune", "--run", str(run), "--out", str(tmp_path / "bad"),

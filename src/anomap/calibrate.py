@@ -3,7 +3,8 @@
 The threshold is a quantile of the scores of normal images the model never
 trained on (the held-out 20%), so that a pass/fail verdict never sees test data.
 Options that change how a map is read but not the weights (STPM's map levels,
-the score window, the quantile) can be changed on a trained run with
+the score window, the map normalisation, the quantile) can be changed on a
+trained run with
 ``anomap retune``: it writes a new run folder with the same weights and a
 threshold recalibrated on the same held-out images.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from anomap.run import (
     CALIBRATION_FILE,
     CONFIG_FILE,
     HISTORY_FILE,
+    POSITION_STATS_FILE,
     STATE_FILE,
     WEIGHTS_FILE,
     RunExistsError,
@@ -37,6 +40,7 @@ from anomap.run import (
     load_model,
     resolve_device,
 )
+from anomap.standardize import NORMALIZATIONS, PositionStats
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +59,39 @@ def display_range(maps: torch.Tensor, threshold: float) -> tuple[float, float]:
 @dataclass
 class Calibration:
     """Writes calibration.json whenever a new best checkpoint is kept, from the
-    held-out scores the loop has just computed: a run can be tested or used at
-    any moment of its training, and after an interruption."""
+    held-out maps and scores the loop has just computed: a run can be tested or
+    used at any moment of its training, and after an interruption.
+
+    With ``normalization="position"`` it first fits the per-position normal
+    statistics on those maps (position_stats.pt) and calibrates on the maps
+    standardised leave-one-out, rescored with ``image_score``."""
 
     run_dir: Path
     quantile: float
     skipped: list[str]
+    normalization: str = "none"
+    image_score: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown map normalization {self.normalization!r}: "
+                             f"{', '.join(NORMALIZATIONS)}")
+        if self.normalization != "none" and self.image_score is None:
+            raise ValueError("map normalization needs the model's image_score to rescore")
 
     def write(self, maps: torch.Tensor, scores: np.ndarray, epoch: int,
               source: str = "validation") -> None:
+        if self.normalization == "position":
+            assert self.image_score is not None
+            stats, maps = PositionStats.fit_leave_one_out(maps)
+            with torch.no_grad():
+                scores = torch.cat([self.image_score(part) for part in maps.split(64)]
+                                   ).double().numpy()
+            stats.save(self.run_dir / POSITION_STATS_FILE)  # before the threshold that uses it
         threshold = calibrate_threshold(scores, quantile=self.quantile)
         save_json({
             "threshold": threshold, "quantile": self.quantile, "source": source,
+            "map_normalization": self.normalization,
             "n_images": len(scores), "score_mean": float(scores.mean()),
             "score_max": float(scores.max()),
             "display_range": display_range(maps, threshold), "best_epoch": epoch,
@@ -83,8 +108,9 @@ def normal_split(config: dict[str, Any]) -> tuple[list[Sample], list[Sample]]:
 
 
 def retune(run_dir: str | Path, out_dir: str | Path, options: dict[str, Any], *,
-           threshold_quantile: float | None = None, device: str = "auto",
-           batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
+           threshold_quantile: float | None = None, map_normalization: str | None = None,
+           device: str = "auto", batch_size: int = 8, progress: bool = True
+           ) -> dict[str, Any]:
     """Copy a trained run to ``out_dir`` with new inference ``options`` and a
     threshold recalibrated on its held-out normals; returns the new calibration.
     No retraining: only options the method lists as ``inference_options`` may
@@ -110,6 +136,12 @@ def retune(run_dir: str | Path, out_dir: str | Path, options: dict[str, Any], *,
     if not 0.0 <= quantile <= 1.0:
         raise ValueError(f"--threshold-quantile must be in [0, 1], got {quantile}")
     config["threshold_quantile"] = quantile
+    if map_normalization is not None:
+        config["map_normalization"] = map_normalization
+    normalization = config.get("map_normalization", "none")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"--map-normalization must be one of {', '.join(NORMALIZATIONS)}, "
+                         f"got {normalization!r}")
     torch_device = resolve_device(device)
     model, _ = load_model(run_dir, torch_device, config=config)  # validates the options
     epoch = int(torch.load(run_dir / WEIGHTS_FILE, map_location="cpu",
@@ -129,7 +161,7 @@ def retune(run_dir: str | Path, out_dir: str | Path, options: dict[str, Any], *,
             shutil.copy2(run_dir / name, partial / name)
     save_json(config, partial / CONFIG_FILE)
     source = "validation" if val_samples else NO_SPLIT_SOURCE
-    Calibration(partial, quantile, loaded.skipped).write(maps, scores, epoch,
-                                                         source=f"{source}, retuned")
+    Calibration(partial, quantile, loaded.skipped, normalization, model.image_score).write(
+        maps, scores, epoch, source=f"{source}, retuned")
     partial.rename(out_dir)
     return load_json(out_dir / CALIBRATION_FILE)

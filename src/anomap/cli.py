@@ -48,11 +48,19 @@ def _add_inference_args(parser: argparse.ArgumentParser) -> None:
                              "default: the method's, STPM 1 = plain max, DRAEM 21)")
 
 
-def _add_quantile_arg(parser: argparse.ArgumentParser, default: float | None) -> None:
+def _add_calibration_args(parser: argparse.ArgumentParser, retuning: bool) -> None:
+    """How the threshold is set on held-out normals (``retune`` may change it)."""
+    from anomap.standardize import NORMALIZATIONS
+
+    default = None if retuning else 0.99
     parser.add_argument("--threshold-quantile", type=float, default=default,
                         help="threshold = this quantile of held-out normal scores"
-                             + (f" (default {default})" if default is not None
-                                else " (default: the run's)"))
+                             + (" (default: the run's)" if retuning else f" (default {default})"))
+    parser.add_argument("--map-normalization", choices=NORMALIZATIONS,
+                        default=None if retuning else "none",
+                        help="position: read each map position in standard deviations of the "
+                             "held-out normal maps there; helps where photos share a frame "
+                             "(README) (default: " + ("the run's)" if retuning else "none)"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="letterbox keeps the aspect ratio (default); stretch squashes")
     train.add_argument("--val-fraction", type=float, default=0.2,
                        help="share of normal images held out for selection and threshold")
-    _add_quantile_arg(train, default=0.99)
+    _add_calibration_args(train, retuning=False)
     train.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true",
@@ -122,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     retune.add_argument("--run", required=True, type=Path, help="the trained run")
     retune.add_argument("--out", required=True, type=Path, help="the new run folder")
     _add_inference_args(retune)
-    _add_quantile_arg(retune, default=None)
+    _add_calibration_args(retune, retuning=True)
     retune.add_argument("--device", default="auto")
     retune.add_argument("--batch-size", type=int, default=8)
     retune.add_argument("--test", action="store_true", help="run 'anomap test' afterwards")
@@ -186,7 +194,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                      defect_dir=args.defect_dir, mask_dir=args.mask_dir,
                      test_normal_dir=args.test_normal_dir, val_fraction=args.val_fraction,
                      seed=args.seed, device=args.device, resume=args.resume,
-                     threshold_quantile=args.threshold_quantile, preset=args.preset,
+                     threshold_quantile=args.threshold_quantile,
+                     map_normalization=args.map_normalization, preset=args.preset,
                      progress=not args.no_progress)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished epochs are saved. Continue with\n"
@@ -221,7 +230,8 @@ def cmd_retune(args: argparse.Namespace) -> int:
 
     calibration = retune(args.run, args.out, {"map_strides": args.map_strides,
                                               "score_window": args.score_window},
-                         threshold_quantile=args.threshold_quantile, device=args.device,
+                         threshold_quantile=args.threshold_quantile,
+                         map_normalization=args.map_normalization, device=args.device,
                          batch_size=args.batch_size, progress=not args.no_progress)
     print(f"retuned: {args.out}  threshold {calibration['threshold']:.6g} (quantile "
           f"{calibration['quantile']} of {calibration['n_images']} {calibration['source']})")

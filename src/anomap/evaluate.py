@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,10 @@ from anomap.run import Detector
 @torch.no_grad()
 def infer(model: AnomalyModel | InferenceModel, geometry: Geometry, loaded: LoadedSet, *,
           batch_size: int = 32, device: torch.device | str = "cpu", progress: bool = True,
-          desc: str = "scoring") -> tuple[torch.Tensor, np.ndarray]:
-    """Maps (N, S, S) in the evaluation frame, on the CPU, and image scores (N,)."""
+          desc: str = "scoring", standardize: Callable[[torch.Tensor], torch.Tensor] | None = None
+          ) -> tuple[torch.Tensor, np.ndarray]:
+    """Maps (N, S, S) in the evaluation frame, on the CPU, and image scores (N,);
+    ``standardize`` (a run's PositionStats) applies to the maps before scoring."""
     model.eval()
     n, size = len(loaded), geometry.size
     maps = torch.empty(n, size, size, dtype=torch.float32)
@@ -35,6 +38,8 @@ def infer(model: AnomalyModel | InferenceModel, geometry: Geometry, loaded: Load
             stop = min(start + batch_size, n)
             images = to_float(loaded.images[start:stop]).to(device)
             frame = geometry.restore(model.anomaly_map(images).float(), loaded.boxes[start:stop])
+            if standardize is not None:
+                frame = standardize(frame)
             scores[start:stop] = model.image_score(frame).cpu().double().numpy()
             maps[start:stop] = frame.cpu()
             bar.update(stop - start)
@@ -72,7 +77,8 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, *,
                       progress=progress)
     model_started = time.perf_counter()
     maps, scores = infer(detector.model, detector.geometry, loaded, batch_size=batch_size,
-                         device=detector.device, progress=progress)
+                         device=detector.device, progress=progress,
+                         standardize=detector.standardize)
     model_seconds = time.perf_counter() - model_started
     seconds = time.perf_counter() - started
 
@@ -153,6 +159,8 @@ def describe_settings(config: dict[str, Any]) -> str:
         parts.append(f"{geometry.get('size')} px {geometry.get('mode')}")
     if recipe:
         parts.append(f"{recipe.get('epochs')} epochs, batch {recipe.get('batch_size')}")
+    if config.get("map_normalization", "none") != "none":
+        parts.append(f"map normalised per {config['map_normalization']}")
     if config.get("retuned_from"):
         parts.append(f"retuned from {Path(config['retuned_from']).name}")
     return ", ".join(part for part in parts if part)

@@ -6,6 +6,7 @@ the data or the teacher's original weights:
     config.json       method, model config, recipe, geometry, seed, data, command
     model.pt          the selected weights (teacher included)
     calibration.json  threshold and heat-map display range from held-out normals
+    position_stats.pt per-position normal map statistics (--map-normalization position)
     last.pt           full training state, for --resume
     history.csv       one row per epoch
 
@@ -31,12 +32,14 @@ from PIL import Image
 from anomap.data import Geometry, load_image, to_pil
 from anomap.export import InferenceModel, resolve_precision
 from anomap.methods import AnomalyModel, build_model
+from anomap.standardize import PositionStats
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.pt"
 STATE_FILE = "last.pt"
 CALIBRATION_FILE = "calibration.json"
 HISTORY_FILE = "history.csv"
+POSITION_STATS_FILE = "position_stats.pt"
 
 ImageLike = Image.Image | np.ndarray | str | Path
 
@@ -104,6 +107,19 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
     return model.to(resolve_device(device)).eval(), config
 
 
+def load_position_stats(run_dir: str | Path, config: dict[str, Any]) -> PositionStats | None:
+    """The run's normal map statistics when its config asks for them, else None."""
+    if config.get("map_normalization", "none") == "none":
+        return None
+    path = Path(run_dir) / POSITION_STATS_FILE
+    if not path.is_file():
+        raise RunError(f"{path}: missing, but the run uses --map-normalization "
+                       f"{config['map_normalization']}; recalibrate it with 'anomap retune "
+                       f"--run {run_dir} --out NEW --map-normalization "
+                       f"{config['map_normalization']}'")
+    return PositionStats.load(path)
+
+
 def resize_map(amap: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """One (S, S) map in the evaluation frame -> (H, W) float32 array at the photo's size."""
     resized = torch.nn.functional.interpolate(amap[None, None].float(), size=size,
@@ -135,14 +151,17 @@ class Detector:
     ``precision="bf16"`` computes in bfloat16, about 2x faster again on a CPU
     that does so natively, at the cost of noisier maps (README, "Speed");
     ``auto`` picks it where native. Verdicts use the float32-calibrated threshold.
+    ``standardize`` (runs trained with ``--map-normalization position``) turns
+    maps into standard deviations from the normal map at each position.
     """
 
     def __init__(self, model: AnomalyModel, geometry: Geometry, threshold: float,
                  display_range: tuple[float, float], config: dict[str, Any] | None = None,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", standardize: PositionStats | None = None) -> None:
         device = next(model.parameters()).device
         self.model = InferenceModel(model, resolve_precision(precision, device))
         self.geometry = geometry
+        self.standardize = standardize
         self.threshold = float(threshold)
         self.display_range = (float(display_range[0]), float(display_range[1]))
         self.config = config or {}
@@ -163,13 +182,17 @@ class Detector:
         model, config = load_model(run_dir, device)
         calibration = load_json(run_dir / CALIBRATION_FILE)
         return cls(model, geometry_from_config(config), calibration["threshold"],
-                   tuple(calibration["display_range"]), config, precision)
+                   tuple(calibration["display_range"]), config, precision,
+                   load_position_stats(run_dir, config))
+
+    def _standardized(self, maps: torch.Tensor) -> torch.Tensor:
+        return maps if self.standardize is None else self.standardize(maps)
 
     @torch.no_grad()
     def maps_and_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A float batch (B, 3, S, S) in [0, 1], already in the network frame
-        -> (maps (B, S, S), scores (B,)) on the CPU."""
-        maps = self.model.anomaly_map(images.to(self.device))
+        (taken as photos that fill it) -> (maps (B, S, S), scores (B,)) on the CPU."""
+        maps = self._standardized(self.model.anomaly_map(images.to(self.device)))
         return maps.cpu(), self.model.image_score(maps).cpu()
 
     @torch.no_grad()
@@ -190,7 +213,8 @@ class Detector:
             prepared = [self.geometry.apply(photo) for photo in photos]
             tensor = torch.from_numpy(np.stack([a for a, _ in prepared])).permute(0, 3, 1, 2)
             maps = self.model.anomaly_map(tensor.float().div(255.0).to(self.device))
-            frame_maps = self.geometry.restore(maps, [box for _, box in prepared])
+            frame_maps = self._standardized(
+                self.geometry.restore(maps, [box for _, box in prepared]))
             scores = self.model.image_score(frame_maps).cpu().tolist()
             for photo, amap, score, item in zip(photos, frame_maps, scores, chunk, strict=True):
                 array = resize_map(amap, (photo.height, photo.width))

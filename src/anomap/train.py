@@ -45,6 +45,7 @@ from anomap.run import (
     load_json,
     resolve_device,
 )
+from anomap.standardize import NORMALIZATIONS
 from anomap.synth import make_anomaly_source, synthesize
 
 log = logging.getLogger(__name__)
@@ -137,8 +138,8 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
         resize_mode: str = "letterbox", defect_dir: str | Path | None = None,
         mask_dir: str | Path | None = None, test_normal_dir: str | Path | None = None,
         val_fraction: float = 0.2, seed: int = 0, device: str = "auto", resume: bool = False,
-        threshold_quantile: float = 0.99, preset: str = "auto", progress: bool = True
-        ) -> dict[str, Any]:
+        threshold_quantile: float = 0.99, map_normalization: str = "none",
+        preset: str = "auto", progress: bool = True) -> dict[str, Any]:
     """``anomap train``: everything from a data folder to a usable run folder.
 
     ``preset`` picks the method's recipe (``paper``, or ``cpu`` for methods
@@ -148,6 +149,9 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
     run_dir = Path(run_dir)
     torch_device = resolve_device(device)
     config_path = run_dir / CONFIG_FILE
+    if map_normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown map normalization {map_normalization!r}: "
+                         f"{', '.join(NORMALIZATIONS)}")
     if resume:
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path}: nothing to resume in {run_dir}")
@@ -187,6 +191,7 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
                      "val_fraction": val_fraction},
             "seed": seed,
             "threshold_quantile": threshold_quantile,
+            "map_normalization": map_normalization,
             "command": " ".join(sys.argv),
         }
     recipe_dict = dict(config["recipe"])
@@ -211,7 +216,8 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
 
     run_dir.mkdir(parents=True, exist_ok=True)
     save_json(config, config_path)
-    calibration = Calibration(run_dir, config["threshold_quantile"], skipped)
+    calibration = Calibration(run_dir, config["threshold_quantile"], skipped,
+                              config.get("map_normalization", "none"), model.image_score)
     history = train_loop(model, recipe, train_set, val_set, geometry, run_dir,
                          device=torch_device, seed=seed, resume=resume, progress=progress,
                          calibration=calibration)

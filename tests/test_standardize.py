@@ -1,0 +1,103 @@
+"""Per-position standardisation of anomaly maps against held-out normals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from anomap.calibrate import normal_split, retune
+from anomap.data import load_set
+from anomap.evaluate import evaluate_run, infer
+from anomap.metrics import image_auroc
+from anomap.run import POSITION_STATS_FILE, Detector, RunError
+from anomap.standardize import PositionStats
+
+
+def test_leave_one_out_matches_a_hand_computation() -> None:
+    maps = torch.rand(6, 4, 5, generator=torch.Generator().manual_seed(0))
+    stats, standardized = PositionStats.fit_leave_one_out(maps, chunk=4)  # chunks: 4 + 2
+    values = maps.double().numpy()
+    np.testing.assert_allclose(stats.mean.numpy(), values.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(stats.std.numpy(), values.std(0, ddof=1), rtol=1e-5)
+    for i in range(6):
+        others = np.delete(values, i, axis=0)
+        expected = (values[i] - others.mean(0)) / others.std(0, ddof=1)
+        np.testing.assert_allclose(standardized[i].numpy(), expected, rtol=1e-4)
+    # applied to new maps: (x - mean) / std with the statistics of all six
+    new = torch.rand(2, 4, 5)
+    expected = (new.double().numpy() - values.mean(0)) / values.std(0, ddof=1)
+    np.testing.assert_allclose(stats(new).numpy(), expected, rtol=1e-4)
+
+
+def test_flat_positions_stay_finite_and_bad_input_is_refused(tmp_path: Path) -> None:
+    maps = torch.rand(5, 3, 3)
+    maps[:, 0, 0] = 0.5  # the same on every normal image: no spread to divide by
+    stats, standardized = PositionStats.fit_leave_one_out(maps)
+    assert torch.isfinite(standardized).all()
+    probe = torch.full((1, 3, 3), 0.5)
+    probe[0, 0, 0] = 0.6
+    assert torch.isfinite(stats(probe)).all()
+    loaded = PositionStats.load(stats.save(tmp_path / "stats.pt"))
+    torch.testing.assert_close(loaded(probe), stats(probe))
+    with pytest.raises(ValueError, match="at least 3"):
+        PositionStats.fit_leave_one_out(maps[:2])
+    with pytest.raises(ValueError, match="fitted at"):
+        stats(torch.rand(1, 4, 4))
+
+
+def test_a_place_that_is_hot_on_every_normal_image_no_longer_hides_defects() -> None:
+    """Normal maps with a hot edge column outscore a defect in the middle under
+    the plain max; per position, the defect is what stands out."""
+    generator = torch.Generator().manual_seed(1)
+
+    def normal_maps(count: int) -> torch.Tensor:
+        maps = 0.1 + 0.01 * torch.rand(count, 16, 16, generator=generator)
+        maps[:, :, 0] += 1.0 + 0.2 * torch.rand(count, 16, generator=generator)
+        return maps
+
+    held_out = normal_maps(30)
+    test_normal, test_defective = normal_maps(10), normal_maps(10)
+    test_defective[:, 7:9, 7:9] += 0.3
+    maps = torch.cat([test_normal, test_defective])
+    labels = np.array([0] * 10 + [1] * 10)
+    raw = maps.flatten(1).amax(1).numpy()
+    assert image_auroc(labels, raw) < 0.8
+    stats, _ = PositionStats.fit_leave_one_out(held_out)
+    assert image_auroc(labels, stats(maps).flatten(1).amax(1).numpy()) == 1.0
+
+
+def test_retune_with_position_normalization(trained_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "position"
+    calibration = retune(trained_run, out, {}, map_normalization="position", device="cpu",
+                         progress=False)
+    assert calibration["map_normalization"] == "position"
+    config = json.loads((out / "config.json").read_text())
+    assert config["map_normalization"] == "position"
+    detector = Detector.load(out, "cpu")
+    assert detector.standardize is not None
+    # fitted on exactly the held-out maps: in their own statistics they have
+    # mean 0 and standard deviation 1 at every position
+    _, held_out = normal_split(config)
+    loaded = load_set(held_out, detector.geometry, progress=False)
+    maps, scores = infer(detector.model, detector.geometry, loaded,
+                         standardize=detector.standardize, progress=False)
+    torch.testing.assert_close(maps.mean(0), torch.zeros(maps.shape[1:]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(maps.std(0), torch.ones(maps.shape[1:]), atol=1e-3, rtol=0)
+    # the threshold is set leave-one-out, so above what the images' own statistics give
+    assert calibration["threshold"] > np.quantile(scores, 0.99)
+    # library predictions use the same standardised scale as the threshold
+    prediction = detector.predict(held_out[0].path)[0]
+    assert prediction.score == pytest.approx(scores[0], rel=1e-4)
+    result = evaluate_run(out, out_dir=tmp_path / "report", device="cpu", panels=False,
+                          progress=False)
+    assert result["image_auroc"] >= 0.9
+    assert "map normalised per position" in result["settings"]
+    (out / POSITION_STATS_FILE).unlink()
+    with pytest.raises(RunError, match="retune"):
+        Detector.load(out, "cpu")
+    with pytest.raises(ValueError, match="map-normalization"):
+        retune(trained_run, tmp_path / "bad", {}, map_normalization="global", progress=False)
