@@ -145,7 +145,7 @@ def main() -> None:
                                         "lr_milestones": args.lr_milestones,
                                         "lr_gamma": args.lr_gamma},
                       resize_mode=args.resize_mode, seed=args.seed, device=args.device,
-                      preset=args.preset, map_normalization=args.map_normalization or "none",
+                      preset=args.preset, map_normalization=args.map_normalization,
                       resume=(run / "last.pt").exists(), progress=False)
     train_seconds = time.perf_counter() - started
     result = evaluate_run(run, device=args.device, panels=args.panels, progress=False)

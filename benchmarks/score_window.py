@@ -39,7 +39,7 @@ def window_aurocs(run_dir: Path, windows: list[int]) -> dict[str, object]:
     """Image AUROC overall and per defect type for each window, on one run's test split."""
     detector = Detector.load(run_dir, "cpu")
     test = load_test_split(detector.config)
-    maps, _ = infer(detector.model, detector.geometry, test)
+    maps, _ = infer(detector.model, detector.geometry, test, standardize=detector.standardize)
     labels = np.asarray(test.labels)
     result: dict[str, object] = {"command": detector.config.get("command", ""), "windows": {}}
     for window in windows:  # only the score changes: set it on the loaded model

@@ -15,6 +15,7 @@ from anomap.evaluate import evaluate_run, infer
 from anomap.metrics import image_auroc
 from anomap.run import POSITION_STATS_FILE, Detector, RunError
 from anomap.standardize import PositionStats
+from anomap.train import fit
 
 
 def test_leave_one_out_matches_a_hand_computation() -> None:
@@ -101,3 +102,17 @@ def test_retune_with_position_normalization(trained_run: Path, tmp_path: Path) -
         Detector.load(out, "cpu")
     with pytest.raises(ValueError, match="map-normalization"):
         retune(trained_run, tmp_path / "bad", {}, map_normalization="global", progress=False)
+
+
+def test_too_few_held_out_images_or_a_changed_normalization_fail_before_training(
+        toy_data: Path, trained_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "few"
+    with pytest.raises(ValueError, match="at least 3 held-out"):  # 5% of 40 images: 2
+        fit("stpm", toy_data, run, recipe_overrides={"epochs": 1, "image_size": 64},
+            val_fraction=0.05, map_normalization="position", device="cpu", progress=False)
+    assert not run.exists()
+    before = (trained_run / "last.pt").read_bytes()
+    with pytest.raises(ValueError, match="anomap retune"):
+        fit("stpm", toy_data, trained_run, resume=True, map_normalization="position",
+            device="cpu", progress=False)
+    assert (trained_run / "last.pt").read_bytes() == before

@@ -40,7 +40,7 @@ from anomap.run import (
     load_model,
     resolve_device,
 )
-from anomap.standardize import NORMALIZATIONS, PositionStats
+from anomap.standardize import NORMALIZATIONS, PositionStats, require_enough_images
 
 log = logging.getLogger(__name__)
 
@@ -151,17 +151,22 @@ def retune(run_dir: str | Path, out_dir: str | Path, options: dict[str, Any], *,
     train_samples, val_samples = normal_split(config)
     loaded: LoadedSet = load_set(val_samples or train_samples, geometry,
                                  desc="reading held-out images", progress=progress)
+    require_enough_images(normalization, len(loaded), f"{config['data']['root']}")
     maps, scores = infer(model, geometry, loaded, batch_size=batch_size, device=torch_device,
                          progress=progress, desc="calibrating")
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    for name in (WEIGHTS_FILE, STATE_FILE, HISTORY_FILE):
-        if (run_dir / name).is_file():
-            shutil.copy2(run_dir / name, partial / name)
-    save_json(config, partial / CONFIG_FILE)
-    source = "validation" if val_samples else NO_SPLIT_SOURCE
-    Calibration(partial, quantile, loaded.skipped, normalization, model.image_score).write(
-        maps, scores, epoch, source=f"{source}, retuned")
-    partial.rename(out_dir)
+    try:
+        for name in (WEIGHTS_FILE, STATE_FILE, HISTORY_FILE):
+            if (run_dir / name).is_file():
+                shutil.copy2(run_dir / name, partial / name)
+        save_json(config, partial / CONFIG_FILE)
+        source = "validation" if val_samples else NO_SPLIT_SOURCE
+        Calibration(partial, quantile, loaded.skipped, normalization, model.image_score).write(
+            maps, scores, epoch, source=f"{source}, retuned")
+        partial.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     return load_json(out_dir / CALIBRATION_FILE)

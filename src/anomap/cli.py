@@ -57,10 +57,10 @@ def _add_calibration_args(parser: argparse.ArgumentParser, retuning: bool) -> No
                         help="threshold = this quantile of held-out normal scores"
                              + (" (default: the run's)" if retuning else f" (default {default})"))
     parser.add_argument("--map-normalization", choices=NORMALIZATIONS,
-                        default=None if retuning else "none",
                         help="position: read each map position in standard deviations of the "
                              "held-out normal maps there; helps where photos share a frame "
-                             "(README) (default: " + ("the run's)" if retuning else "none)"))
+                             "(README) (default: "
+                             + ("the run's)" if retuning else "none; on --resume the run's)"))
 
 
 def build_parser() -> argparse.ArgumentParser:

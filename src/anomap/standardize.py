@@ -36,6 +36,14 @@ MIN_IMAGES = 3
 STD_FLOOR = 0.01
 
 
+def require_enough_images(normalization: str, count: int, source: str) -> None:
+    """Fail before any work when the held-out set is too small to fit statistics on."""
+    if normalization == "position" and count < MIN_IMAGES:
+        raise ValueError(f"--map-normalization position needs at least {MIN_IMAGES} held-out "
+                         f"normal images; {source} gives {count}. Hold out more "
+                         f"(--val-fraction) or use --map-normalization none")
+
+
 class PositionStats:
     """Per-position mean and standard deviation of normal anomaly maps."""
 
@@ -88,5 +96,9 @@ class PositionStats:
 
     @classmethod
     def load(cls, path: str | Path) -> PositionStats:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return cls(state["mean"], state["std"])
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            return cls(state["mean"], state["std"])
+        except (OSError, RuntimeError, KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path}: not normal map statistics written by anomap "
+                             f"({error!r}); recalibrate with 'anomap retune'") from None

@@ -45,7 +45,7 @@ from anomap.run import (
     load_json,
     resolve_device,
 )
-from anomap.standardize import NORMALIZATIONS
+from anomap.standardize import NORMALIZATIONS, require_enough_images
 from anomap.synth import make_anomaly_source, synthesize
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
         resize_mode: str = "letterbox", defect_dir: str | Path | None = None,
         mask_dir: str | Path | None = None, test_normal_dir: str | Path | None = None,
         val_fraction: float = 0.2, seed: int = 0, device: str = "auto", resume: bool = False,
-        threshold_quantile: float = 0.99, map_normalization: str = "none",
+        threshold_quantile: float = 0.99, map_normalization: str | None = None,
         preset: str = "auto", progress: bool = True) -> dict[str, Any]:
     """``anomap train``: everything from a data folder to a usable run folder.
 
@@ -149,7 +149,7 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
     run_dir = Path(run_dir)
     torch_device = resolve_device(device)
     config_path = run_dir / CONFIG_FILE
-    if map_normalization not in NORMALIZATIONS:
+    if map_normalization not in (None, *NORMALIZATIONS):
         raise ValueError(f"unknown map normalization {map_normalization!r}: "
                          f"{', '.join(NORMALIZATIONS)}")
     if resume:
@@ -158,6 +158,11 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
         config = load_json(config_path)
         config["recipe"] = _extended_recipe(config["recipe"], recipe_overrides or {}, run_dir)
         config["resume_commands"] = [*config.get("resume_commands", []), " ".join(sys.argv)]
+        fixed = config.get("map_normalization", "none")
+        if map_normalization not in (None, fixed):
+            raise ValueError(f"{run_dir} is calibrated with --map-normalization {fixed}; to "
+                             f"read it otherwise use 'anomap retune --map-normalization "
+                             f"{map_normalization}'")
         done = _epochs_done(run_dir)
         if config["recipe"]["epochs"] < done:
             raise ValueError(f"{run_dir} has trained {done} epochs already; --epochs "
@@ -191,7 +196,7 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
                      "val_fraction": val_fraction},
             "seed": seed,
             "threshold_quantile": threshold_quantile,
-            "map_normalization": map_normalization,
+            "map_normalization": map_normalization or "none",
             "command": " ".join(sys.argv),
         }
     recipe_dict = dict(config["recipe"])
@@ -210,6 +215,9 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
                          progress=progress)
     val_set = (load_set(val_samples, geometry, desc="reading validation images",
                         progress=progress) if val_samples else None)
+    require_enough_images(config.get("map_normalization", "none"),
+                          len(val_set) if val_set is not None else len(train_set),
+                          config["data"]["root"])
     skipped = train_set.skipped + (val_set.skipped if val_set else [])
     for line in skipped:
         log.warning("skipped unreadable file %s", line)
