@@ -40,7 +40,7 @@ from anomap.run import (
     load_model,
     resolve_device,
 )
-from anomap.standardize import NORMALIZATIONS, PositionStats, require_enough_images
+from anomap.standardize import PositionStats, check_normalization, require_enough_images
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,7 @@ class Calibration:
     image_score: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
-        if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"unknown map normalization {self.normalization!r}: "
-                             f"{', '.join(NORMALIZATIONS)}")
+        check_normalization(self.normalization)
         if self.normalization != "none" and self.image_score is None:
             raise ValueError("map normalization needs the model's image_score to rescore")
 
@@ -138,10 +136,7 @@ def retune(run_dir: str | Path, out_dir: str | Path, options: dict[str, Any], *,
     config["threshold_quantile"] = quantile
     if map_normalization is not None:
         config["map_normalization"] = map_normalization
-    normalization = config.get("map_normalization", "none")
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"--map-normalization must be one of {', '.join(NORMALIZATIONS)}, "
-                         f"got {normalization!r}")
+    normalization = check_normalization(config.get("map_normalization", "none"))
     torch_device = resolve_device(device)
     model, _ = load_model(run_dir, torch_device, config=config)  # validates the options
     epoch = int(torch.load(run_dir / WEIGHTS_FILE, map_location="cpu",
@@ -151,7 +146,7 @@ def retune(run_dir: str | Path, out_dir: str | Path, options: dict[str, Any], *,
     train_samples, val_samples = normal_split(config)
     loaded: LoadedSet = load_set(val_samples or train_samples, geometry,
                                  desc="reading held-out images", progress=progress)
-    require_enough_images(normalization, len(loaded), f"{config['data']['root']}")
+    require_enough_images(normalization, len(loaded), config["data"]["root"])
     maps, scores = infer(model, geometry, loaded, batch_size=batch_size, device=torch_device,
                          progress=progress, desc="calibrating")
     partial = out_dir.with_name(out_dir.name + ".partial")

@@ -45,7 +45,7 @@ from anomap.run import (
     load_json,
     resolve_device,
 )
-from anomap.standardize import NORMALIZATIONS, require_enough_images
+from anomap.standardize import check_normalization, require_enough_images
 from anomap.synth import make_anomaly_source, synthesize
 
 log = logging.getLogger(__name__)
@@ -149,9 +149,8 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
     run_dir = Path(run_dir)
     torch_device = resolve_device(device)
     config_path = run_dir / CONFIG_FILE
-    if map_normalization not in (None, *NORMALIZATIONS):
-        raise ValueError(f"unknown map normalization {map_normalization!r}: "
-                         f"{', '.join(NORMALIZATIONS)}")
+    if map_normalization is not None:
+        check_normalization(map_normalization)
     if resume:
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path}: nothing to resume in {run_dir}")
