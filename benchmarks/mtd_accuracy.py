@@ -109,6 +109,8 @@ def main() -> None:
                         help="fractions of the epochs at which lr is multiplied by --lr-gamma")
     parser.add_argument("--lr-gamma", type=float, default=None)
     parser.add_argument("--resize-mode", default="letterbox")
+    parser.add_argument("--margin", type=int, default=0,
+                        help="pixels of padding kept around the photo (see README)")
     parser.add_argument("--preset", default="auto", help="paper, cpu or auto (by device)")
     parser.add_argument("--selection", default=None,
                         help="val_score, last or synthetic (default: the method's recipe)")
@@ -144,7 +146,8 @@ def main() -> None:
                                         "selection": args.selection, "lr": args.lr,
                                         "lr_milestones": args.lr_milestones,
                                         "lr_gamma": args.lr_gamma},
-                      resize_mode=args.resize_mode, seed=args.seed, device=args.device,
+                      resize_mode=args.resize_mode, margin=args.margin, seed=args.seed,
+                      device=args.device,
                       preset=args.preset, map_normalization=args.map_normalization,
                       resume=(run / "last.pt").exists(), progress=False)
     train_seconds = time.perf_counter() - started

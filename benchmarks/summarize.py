@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from anomap.data import describe_geometry
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -53,7 +55,7 @@ def accuracy_table() -> str:
         m, config = record["metrics"], record["config"]
         lines.append(
             f"| {record['name']} | {config['method']} | {_model(config)} "
-            f"| {config['geometry']['size']} px {config['geometry']['mode']} "
+            f"| {describe_geometry(config['geometry'])} "
             f"| {record['epochs']} ({record['best_epoch']}) | {config['recipe']['batch_size']} "
             f"| {_lr(config['recipe'])} | {_fmt(m['image_auroc'])} "
             f"| {_fmt(m['pixel_auroc'])} | {_fmt(m['aupro'])} "

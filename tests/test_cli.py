@@ -63,12 +63,15 @@ def test_train_and_test_on_plain_folders(toy_data: Path, tmp_path: Path,
                  "--mask-dir", str(toy_data / "ground_truth" / "hole"),
                  "--test-normal-dir", str(toy_data / "test" / "good"),
                  "--out", str(run), "--epochs", "1", "--batch-size", "8", "--image-size", "64",
+                 "--resize-mode", "mirror", "--margin", "4",
                  "--device", "cpu", "--no-progress", "--test"])
     assert code == 0, capsys.readouterr().err
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["n_images"] == 15 and metrics["n_defective"] == 5
+    assert "64 px mirror, margin 4" in metrics["settings"]
     config = json.loads((run / "config.json").read_text())
-    assert config["recipe"]["epochs"] == 1 and config["geometry"]["size"] == 64
+    assert config["recipe"]["epochs"] == 1
+    assert config["geometry"] == {"size": 64, "mode": "mirror", "margin": 4}
     # the same command again refuses to overwrite the finished run
     code = main(["train", "--data", str(toy_data / "train" / "good"), "--out", str(run),
                  "--no-progress"])
@@ -84,6 +87,7 @@ def test_train_and_test_on_plain_folders(toy_data: Path, tmp_path: Path,
     assert retuned["n_images"] == 15 and retuned["n_defective"] == 5
     assert "score window 3" in retuned["settings"]
     assert "map normalised per position" in retuned["settings"]
+    assert "64 px mirror, margin 4" in retuned["settings"]  # the geometry travels with the run
     assert (tmp_path / "retuned" / "position_stats.pt").is_file()
     assert retuned["settings"].endswith("retuned from run")
     assert "score window 3" in (tmp_path / "retuned" / "report.html").read_text()
@@ -104,6 +108,9 @@ def test_clear_errors(tmp_path: Path, toy_data: Path, capsys: pytest.CaptureFixt
                  "--backbone", "resnet999"]) == 2
     err = capsys.readouterr().err
     assert "resnet999" in err and "efficientnet_lite0" in err
+    assert main(["train", "--data", str(toy_data), "--out", str(tmp_path / "r"),
+                 "--image-size", "64", "--margin", "20"]) == 2
+    assert "margin 20" in capsys.readouterr().err and not (tmp_path / "r").exists()
 
 
 def test_samples_grid_and_method_options(toy_data: Path, tmp_path: Path,

@@ -85,6 +85,25 @@ def test_letterbox_keeps_aspect_and_restore_undoes_it() -> None:
     assert big.shape == (1, 200, 100)
 
 
+def test_mirror_mode_pads_with_the_mirrored_photo_inside_a_margin() -> None:
+    geometry = Geometry(64, "mirror", margin=8)
+    # a wide photo (96 x 48) whose columns count up: mirroring must show the same ramp reversed
+    ramp = np.tile(np.arange(96, dtype=np.uint8)[None, :, None] * 2, (48, 1, 3))
+    array, box = geometry.apply(Image.fromarray(ramp))
+    assert (box.top, box.left, box.height, box.width) == (20, 8, 24, 48)  # centred in 48 x 48
+    photo = array[box.top:box.top + box.height, box.left:box.left + box.width, 0].astype(int)
+    assert np.all(np.diff(photo, axis=1) >= 0)  # resized ramp, left to right
+    left_pad = array[box.top, :box.left, 0].astype(int)
+    assert np.array_equal(left_pad, photo[0, :box.left][::-1])  # the photo's left strip, mirrored
+    top_pad = array[:box.top, box.left:box.left + box.width, 0]
+    assert np.array_equal(top_pad, np.repeat(photo[:1], box.top, axis=0))  # rows are constant
+    amap = torch.zeros(1, 64, 64)
+    amap[0, 20:44, 8:56] = 1.0
+    assert torch.allclose(geometry.restore(amap, [box]), torch.ones(1, 64, 64))  # margin cropped
+    with pytest.raises(ValueError, match="margin 20"):
+        Geometry(64, "mirror", margin=20)
+
+
 def test_masks_are_resized_nearest(tmp_path: Path) -> None:
     mask = np.zeros((90, 30), np.uint8)
     mask[10:40, 5:20] = 255

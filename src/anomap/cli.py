@@ -64,6 +64,7 @@ def _add_calibration_args(parser: argparse.ArgumentParser, retuning: bool) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from anomap.data import RESIZE_MODES
     from anomap.methods import METHODS, SELECTION_RULES
 
     parser = argparse.ArgumentParser(
@@ -100,8 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="which epoch becomes model.pt, judged on held-out normals: lowest "
                             "mean score, the last, or best AUROC on synthetic anomalies pasted "
                             "into them (default: the method's recipe)")
-    train.add_argument("--resize-mode", default="letterbox", choices=["letterbox", "stretch"],
-                       help="letterbox keeps the aspect ratio (default); stretch squashes")
+    train.add_argument("--resize-mode", default="letterbox", choices=RESIZE_MODES,
+                       help="letterbox keeps the aspect ratio and pads with edge pixels "
+                            "(default); mirror keeps it and pads with the mirrored photo; "
+                            "stretch squashes")
+    train.add_argument("--margin", type=int, default=0,
+                       help="pixels on each side of the network input kept free of the "
+                            "photo and padded like the rest, so its edges lie away from "
+                            "the network's border (default 0)")
     train.add_argument("--val-fraction", type=float, default=0.2,
                        help="share of normal images held out for selection and threshold")
     _add_calibration_args(train, retuning=False)
@@ -190,7 +197,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                    "strides": args.strides,
                                    "map_strides": args.map_strides,
                                    "score_window": args.score_window},
-                     recipe_overrides=recipe, resize_mode=args.resize_mode,
+                     recipe_overrides=recipe, resize_mode=args.resize_mode, margin=args.margin,
                      defect_dir=args.defect_dir, mask_dir=args.mask_dir,
                      test_normal_dir=args.test_normal_dir, val_fraction=args.val_fraction,
                      seed=args.seed, device=args.device, resume=args.resume,

@@ -19,6 +19,7 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,8 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-RESIZE_MODES = ("letterbox", "stretch")
+RESIZE_MODES = ("letterbox", "mirror", "stretch")
+_FILL = {"letterbox": "edge", "mirror": "symmetric", "stretch": "edge"}  # np.pad modes
 
 MVTEC_LAYOUT_HELP = """\
 Expected either an MVTec AD category:
@@ -142,40 +144,49 @@ class Geometry:
 
     ``stretch`` squashes the photo to the square (the papers' choice);
     ``letterbox`` keeps the aspect ratio and pads the rest with the edge pixels,
-    so elongated parts (MTD tiles go from 1:2.8 to 2.7:1) keep their shape.
+    so elongated parts (MTD tiles go from 1:2.8 to 2.7:1) keep their shape;
+    ``mirror`` keeps the aspect ratio too but fills the rest with the photo
+    mirrored at its sides, so the networks see texture, not streaks, beyond
+    every edge. ``margin`` pixels on each side are kept free of the photo (and
+    filled the same way), so its edges lie away from the networks' zero padding.
     Maps come back through :meth:`restore`, so metrics, scores and overlays
     always refer to the photo itself, never to the padding.
     """
 
     size: int = 256
     mode: str = "letterbox"
+    margin: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in RESIZE_MODES:
             raise ValueError(f"resize mode {self.mode!r}: choose one of {RESIZE_MODES}")
         if self.size < 32:
             raise ValueError(f"image size {self.size} is too small (minimum 32)")
+        if not 0 <= self.margin <= self.size // 4:
+            raise ValueError(f"margin {self.margin}: choose 0 to {self.size // 4} pixels "
+                             f"(a quarter of the image size {self.size})")
 
     def box_for(self, width: int, height: int) -> Box:
+        inner = self.size - 2 * self.margin
         if self.mode == "stretch":
-            return Box(0, 0, self.size, self.size)
-        scale = self.size / max(width, height)
-        new_w = max(1, min(self.size, round(width * scale)))
-        new_h = max(1, min(self.size, round(height * scale)))
+            return Box(self.margin, self.margin, inner, inner)
+        scale = inner / max(width, height)
+        new_w = max(1, min(inner, round(width * scale)))
+        new_h = max(1, min(inner, round(height * scale)))
         return Box((self.size - new_h) // 2, (self.size - new_w) // 2, new_h, new_w)
 
     def apply(self, image: Image.Image) -> tuple[np.ndarray, Box]:
         """PIL RGB -> (size, size, 3) uint8 array and its content box."""
         box = self.box_for(*image.size)
         resized = np.asarray(image.resize((box.width, box.height), Image.BILINEAR))
-        if self.mode == "stretch":
+        if (box.height, box.width) == (self.size, self.size):
             return resized, box
         pad = (
             (box.top, self.size - box.top - box.height),
             (box.left, self.size - box.left - box.width),
             (0, 0),
         )
-        return np.pad(resized, pad, mode="edge"), box
+        return np.pad(resized, pad, mode=_FILL[self.mode]), box
 
     def apply_mask(self, mask: np.ndarray) -> np.ndarray:
         """Ground truth in the evaluation frame: the photo stretched to size x size."""
@@ -190,7 +201,7 @@ class Geometry:
         (default: S x S, the evaluation frame the ground truth is resized to).
         """
         height, width = out_size or (self.size, self.size)
-        if self.mode == "stretch" and (height, width) == tuple(maps.shape[-2:]):
+        if self.mode == "stretch" and not self.margin and (height, width) == tuple(maps.shape[-2:]):
             return maps
         restored = [
             F.interpolate(
@@ -200,6 +211,12 @@ class Geometry:
             for amap, b in zip(maps, boxes, strict=True)
         ]
         return torch.stack(restored)
+
+
+def describe_geometry(geometry: dict[str, Any]) -> str:
+    """A run's ``config["geometry"]`` in words, e.g. ``288 px mirror, margin 16``."""
+    text = f"{geometry.get('size')} px {geometry.get('mode')}"
+    return text + (f", margin {geometry['margin']}" if geometry.get("margin") else "")
 
 
 # --------------------------------------------------------------------------- discovery

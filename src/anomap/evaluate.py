@@ -15,7 +15,16 @@ import torch
 from tqdm.auto import tqdm
 
 from anomap import metrics, report
-from anomap.data import Box, Geometry, LoadedSet, Sample, discover, load_set, to_float
+from anomap.data import (
+    Box,
+    Geometry,
+    LoadedSet,
+    Sample,
+    describe_geometry,
+    discover,
+    load_set,
+    to_float,
+)
 from anomap.export import InferenceModel
 from anomap.files import save_json, save_text
 from anomap.methods import AnomalyModel
@@ -156,7 +165,7 @@ def describe_settings(config: dict[str, Any]) -> str:
     if model.get("score_window", 1) != 1:
         parts.append(f"score window {model['score_window']}")
     if geometry:
-        parts.append(f"{geometry.get('size')} px {geometry.get('mode')}")
+        parts.append(describe_geometry(geometry))
     if recipe:
         parts.append(f"{recipe.get('epochs')} epochs, batch {recipe.get('batch_size')}")
     if config.get("map_normalization", "none") != "none":

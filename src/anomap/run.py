@@ -88,7 +88,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def geometry_from_config(config: dict[str, Any]) -> Geometry:
     geometry = config["geometry"]
-    return Geometry(size=int(geometry["size"]), mode=geometry["mode"])
+    return Geometry(size=int(geometry["size"]), mode=geometry["mode"],
+                    margin=int(geometry.get("margin", 0)))  # older runs have no margin
 
 
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
