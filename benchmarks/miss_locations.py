@@ -50,8 +50,11 @@ def miss_locations(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
         defective = [row for row in csv.DictReader(handle) if row["label"] == "1"]
     if not defective:
         raise SystemExit(f"{run_dir}/predictions.csv: no defective images (run anomap test)")
-    edge = np.array([mask_of.get(row["path"]) is not None
-                     and touches_band(load_mask(mask_of[row["path"]]), args.band)
+    unmatched = [row["path"] for row in defective if mask_of.get(row["path"]) is None]
+    if unmatched:
+        raise SystemExit(f"{run_dir}: no ground-truth mask for {len(unmatched)} defective "
+                         f"images of predictions.csv, e.g. {unmatched[0]} (tested on other data?)")
+    edge = np.array([touches_band(load_mask(mask_of[row["path"]]), args.band)
                      for row in defective])
     missed = np.array([row["verdict"] == "pass" for row in defective])
     lowest = np.argsort([float(row["score"]) for row in defective])[:args.lowest]

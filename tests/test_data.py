@@ -102,6 +102,13 @@ def test_mirror_mode_pads_with_the_mirrored_photo_inside_a_margin() -> None:
     assert torch.allclose(geometry.restore(amap, [box]), torch.ones(1, 64, 64))  # margin cropped
     with pytest.raises(ValueError, match="margin 20"):
         Geometry(64, "mirror", margin=20)
+    stretched = Geometry(64, "stretch", margin=8)  # squashed into the 48 x 48 inside the margin
+    array, box = stretched.apply(Image.fromarray(ramp))
+    assert (box.top, box.left, box.height, box.width) == (8, 8, 48, 48)
+    assert array.shape == (64, 64, 3)
+    inside = torch.zeros(1, 64, 64)
+    inside[0, 8:56, 8:56] = 1.0
+    assert torch.allclose(stretched.restore(inside, [box]), torch.ones(1, 64, 64))
 
 
 def test_masks_are_resized_nearest(tmp_path: Path) -> None:

@@ -188,6 +188,9 @@ def test_a_finished_run_trains_on_with_a_new_lr_schedule(
     assert "--lr is ignored on resume" in caplog.text
     with pytest.raises(ValueError, match="trained 4 epochs already"):
         _tiny_fit(toy_data, tmp_path / "extended", epochs=3, resume=True)
+    with pytest.raises(ValueError, match="geometry cannot change on --resume"):
+        fit("stpm", toy_data, tmp_path / "extended", recipe_overrides={"epochs": 5},
+            margin=4, device="cpu", resume=True, progress=False)
     saved = json.loads((tmp_path / "extended" / "config.json").read_text())["recipe"]
     assert (saved["epochs"], saved["lr_milestones"], saved["lr"]) == (4, [0.5], 0.4)
     assert len(json.loads((tmp_path / "extended" / "config.json").read_text())

@@ -101,11 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="which epoch becomes model.pt, judged on held-out normals: lowest "
                             "mean score, the last, or best AUROC on synthetic anomalies pasted "
                             "into them (default: the method's recipe)")
-    train.add_argument("--resize-mode", default="letterbox", choices=RESIZE_MODES,
+    train.add_argument("--resize-mode", choices=RESIZE_MODES,
                        help="letterbox keeps the aspect ratio and pads with edge pixels "
                             "(default); mirror keeps it and pads with the mirrored photo; "
                             "stretch squashes")
-    train.add_argument("--margin", type=int, default=0,
+    train.add_argument("--margin", type=int,
                        help="pixels on each side of the network input kept free of the "
                             "photo and padded like the rest, so its edges lie away from "
                             "the network's border (default 0)")

@@ -42,6 +42,7 @@ from anomap.run import (
     STATE_FILE,
     WEIGHTS_FILE,
     RunExistsError,
+    geometry_from_config,
     load_json,
     resolve_device,
 )
@@ -135,8 +136,9 @@ def _follow_recipe(scheduler: torch.optim.lr_scheduler.MultiStepLR, recipe: Reci
 
 def fit(method: str, data: str | Path, run_dir: str | Path, *,
         model_config: dict[str, Any] | None = None, recipe_overrides: dict[str, Any] | None = None,
-        resize_mode: str = "letterbox", margin: int = 0, defect_dir: str | Path | None = None,
-        mask_dir: str | Path | None = None, test_normal_dir: str | Path | None = None,
+        resize_mode: str | None = None, margin: int | None = None,
+        defect_dir: str | Path | None = None, mask_dir: str | Path | None = None,
+        test_normal_dir: str | Path | None = None,
         val_fraction: float = 0.2, seed: int = 0, device: str = "auto", resume: bool = False,
         threshold_quantile: float = 0.99, map_normalization: str | None = None,
         preset: str = "auto", progress: bool = True) -> dict[str, Any]:
@@ -162,6 +164,12 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
             raise ValueError(f"{run_dir} is calibrated with --map-normalization {fixed}; to "
                              f"read it otherwise use 'anomap retune --map-normalization "
                              f"{map_normalization}'")
+        saved = geometry_from_config(config)
+        wanted = (resize_mode or saved.mode, saved.margin if margin is None else margin)
+        if wanted != (saved.mode, saved.margin):
+            raise ValueError(f"{run_dir} was trained with --resize-mode {saved.mode} --margin "
+                             f"{saved.margin}; the input geometry cannot change on --resume: "
+                             "start a new run with --out")
         done = _epochs_done(run_dir)
         if config["recipe"]["epochs"] < done:
             raise ValueError(f"{run_dir} has trained {done} epochs already; --epochs "
@@ -187,7 +195,8 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
             "model": {**method_cls.default_config(), **preset_config,
                       **given},
             "recipe": asdict(recipe),
-            "geometry": asdict(Geometry(recipe.image_size, resize_mode, margin)),
+            "geometry": asdict(Geometry(recipe.image_size, resize_mode or "letterbox",
+                                        margin or 0)),
             "data": {"root": str(Path(data).resolve()),
                      "defect_dir": str(defect_dir) if defect_dir else None,
                      "mask_dir": str(mask_dir) if mask_dir else None,
