@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 from mtd_accuracy import analyse_runs
+from score_window import test_samples
 
-from anomap.data import discover, load_mask
+from anomap.data import load_mask
 from anomap.run import CONFIG_FILE, load_json
 
 
@@ -41,11 +42,8 @@ def share(flags: np.ndarray) -> float | None:
 
 
 def miss_locations(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    config = load_json(run_dir / CONFIG_FILE)
-    data = config["data"]
-    spec = discover(data["root"], defect_dir=data.get("defect_dir"),
-                    mask_dir=data.get("mask_dir"), test_normal_dir=data.get("test_normal_dir"))
-    mask_of = {str(s.path): s.mask_path for s in spec.test if s.label == 1}
+    samples = test_samples(load_json(run_dir / CONFIG_FILE))
+    mask_of = {str(s.path): s.mask_path for s in samples if s.label == 1}
     with open(run_dir / "predictions.csv", newline="") as handle:
         defective = [row for row in csv.DictReader(handle) if row["label"] == "1"]
     if not defective:

@@ -22,17 +22,21 @@ import torch
 from mtd_accuracy import analyse_runs
 
 from anomap import metrics
-from anomap.data import LoadedSet, discover, load_set
+from anomap.data import LoadedSet, Sample, discover, load_set
 from anomap.evaluate import infer, per_defect_type_auroc
 from anomap.run import Detector, geometry_from_config
 
 
-def load_test_split(config: dict[str, Any], with_masks: bool = False) -> LoadedSet:
-    """The test split of the data a run (its config.json) was trained on, in its geometry."""
+def test_samples(config: dict[str, Any]) -> list[Sample]:
+    """The test images of the data a run (its config.json) was trained on."""
     data = config["data"]
-    spec = discover(data["root"], defect_dir=data.get("defect_dir"),
-                    mask_dir=data.get("mask_dir"), test_normal_dir=data.get("test_normal_dir"))
-    return load_set(spec.test, geometry_from_config(config), with_masks=with_masks)
+    return discover(data["root"], defect_dir=data.get("defect_dir"), mask_dir=data.get("mask_dir"),
+                    test_normal_dir=data.get("test_normal_dir")).test
+
+
+def load_test_split(config: dict[str, Any], with_masks: bool = False) -> LoadedSet:
+    """The test split of the data a run was trained on, in its geometry."""
+    return load_set(test_samples(config), geometry_from_config(config), with_masks=with_masks)
 
 
 def window_aurocs(run_dir: Path, windows: list[int]) -> dict[str, object]:
