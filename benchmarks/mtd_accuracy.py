@@ -108,9 +108,10 @@ def main() -> None:
     parser.add_argument("--lr-milestones", type=float, nargs="+", default=None,
                         help="fractions of the epochs at which lr is multiplied by --lr-gamma")
     parser.add_argument("--lr-gamma", type=float, default=None)
-    parser.add_argument("--resize-mode", default="letterbox")
-    parser.add_argument("--margin", type=int, default=0,
-                        help="pixels of padding kept around the photo (see README)")
+    parser.add_argument("--resize-mode", default=None,
+                        help="letterbox (default), mirror or stretch; a resumed run keeps its own")
+    parser.add_argument("--margin", type=int, default=None,
+                        help="pixels of padding kept around the photo (default 0; see README)")
     parser.add_argument("--preset", default="auto", help="paper, cpu or auto (by device)")
     parser.add_argument("--selection", default=None,
                         help="val_score, last or synthetic (default: the method's recipe)")
