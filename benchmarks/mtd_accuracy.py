@@ -2,7 +2,7 @@
 
 Trains one configuration with the generic loop, evaluates it on the test split
 and writes ``benchmarks/results/<name>.json`` (metrics, training time, the
-configuration and the exact command). The README quotes these files.
+configuration and the exact command). The README and docs/mtd.md quote these files.
 
     python benchmarks/mtd_accuracy.py --name stpm_lite0_letterbox_e100
     python benchmarks/mtd_accuracy.py --name stpm_lite0_stretch_e20 --resize-mode stretch \
@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--map-strides", type=int, nargs="+", default=None,
                         help="STPM levels whose product is the map (default: all)")
     parser.add_argument("--score-window", type=int, default=None,
-                        help="image score window (default: the method's; see README)")
+                        help="image score window (default: the method's; see docs/mtd.md)")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--image-size", type=int, default=None)
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--resize-mode", default=None,
                         help="letterbox (default), mirror or stretch; a resumed run keeps its own")
     parser.add_argument("--margin", type=int, default=None,
-                        help="pixels of padding kept around the photo (default 0; see README)")
+                        help="pixels of padding kept around the photo (default 0; see docs/mtd.md)")
     parser.add_argument("--preset", default="auto", help="paper, cpu or auto (by device)")
     parser.add_argument("--selection", default=None,
                         help="val_score, last or synthetic (default: the method's recipe)")

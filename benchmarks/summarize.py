@@ -1,4 +1,4 @@
-"""Print the README's result tables (markdown) from benchmarks/results/*.json.
+"""Print the tables of docs/mtd.md and docs/speed.md (markdown) from benchmarks/results/*.json.
 
     python benchmarks/summarize.py
 """

@@ -5,8 +5,8 @@ fresh ``mmap`` and hands it back to the kernel on ``free``. A CNN at 256 px and
 batch 8 allocates activations of 50 MB (EfficientNet-Lite0's first expanded
 layer: 8 x 96 x 128 x 128 floats), so every forward pass faults hundreds of MB of
 zeroed pages back in, and the convolutions wait on the kernel. Measured on
-this project's 2-core CPU (interleaved ``benchmarks/speed.py`` runs, README
-"Speed"), STPM with EfficientNet-Lite0 at 256 px: 29-39 images/s model-only
+this project's 2-core CPU (interleaved ``benchmarks/speed.py`` runs,
+docs/speed.md), STPM with EfficientNet-Lite0 at 256 px: 29-39 images/s model-only
 at batch 8 and 83-86 ms per training image with the system's setting, 51-65
 images/s and 52-63 ms with freed memory kept.
 

@@ -42,7 +42,7 @@ def _add_inference_args(parser: argparse.ArgumentParser) -> None:
     """Options that change how a trained model's map is read (``retune`` may change them)."""
     parser.add_argument("--map-strides", type=int, nargs="+",
                         help="STPM: the trained levels whose product is the anomaly map "
-                             "(default: all of --strides; see README)")
+                             "(default: all of --strides; see docs/mtd.md)")
     parser.add_argument("--score-window", type=int,
                         help="image score = max of the map after a KxK mean filter (odd K; "
                              "default: the method's, STPM 1 = plain max, DRAEM 21)")
@@ -59,7 +59,7 @@ def _add_calibration_args(parser: argparse.ArgumentParser, retuning: bool) -> No
     parser.add_argument("--map-normalization", choices=NORMALIZATIONS,
                         help="position: read each map position in standard deviations of the "
                              "held-out normal maps there; helps where photos share a frame "
-                             "(README) (default: "
+                             "(docs/mtd.md) (default: "
                              + ("the run's)" if retuning else "none; on --resume the run's)"))
 
 
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weights", help="teacher weights: 'imagenet' (default) or a .pth file")
     train.add_argument("--strides", type=int, nargs="+",
                        help="STPM: feature-pyramid levels as strides (default 4 8 16, the "
-                            "paper's; 8 16 32 suits large, low-contrast defects, see README)")
+                            "paper's; 8 16 32 suits large, low-contrast defects, see docs/mtd.md)")
     _add_inference_args(train)
     train.add_argument("--preset", default="auto",
                        help="recipe: paper (faithful), cpu (methods too heavy for a CPU), "

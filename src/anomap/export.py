@@ -9,7 +9,7 @@ On CPUs with native bfloat16 arithmetic (AVX512-BF16 or AMX) the networks
 can also run in bfloat16, about twice as fast. It is opt-in: a trained STPM's
 teacher and student agree closely on normal images, and rounding their
 features to 8 bits of mantissa moves the small distances between them (single
-image scores by up to 70% on MTD), although the metrics barely move (README).
+image scores by up to 70% on MTD), although the metrics barely move (docs/speed.md).
 """
 
 from __future__ import annotations

@@ -150,7 +150,7 @@ class Detector:
     The model is copied with BatchNorm folded into the convolutions (see
     :mod:`anomap.export`), which makes CPU inference about 1.3-1.8x faster.
     ``precision="bf16"`` computes in bfloat16, about 2x faster again on a CPU
-    that does so natively, at the cost of noisier maps (README, "Speed");
+    that does so natively, at the cost of noisier maps (docs/speed.md);
     ``auto`` picks it where native. Verdicts use the float32-calibrated threshold.
     ``standardize`` (runs trained with ``--map-normalization position``) turns
     maps into standard deviations from the normal map at each position.

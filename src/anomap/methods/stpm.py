@@ -12,11 +12,11 @@ weight decay 1e-4, batch 32, 100 epochs; map = product over levels of the
 per-position 1/2 * squared distance (we use the squared distance, as the
 loss does), bilinearly upsampled; image score = max of the map. Option
 ``score_window`` (default 1, the paper's) takes the max after a KxK mean
-filter instead; 21 scored better on every model measured (README). Option
+filter instead; 21 scored better on every model measured (docs/mtd.md). Option
 ``map_strides`` builds the map from some of the trained levels only: all
 levels are still trained (the finest helps the student learn), but on MTD
 the map without the stride-8 level scored better on five of six models and
-level on the sixth (README).
+level on the sixth (docs/mtd.md).
 """
 
 from __future__ import annotations
