@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--lr-milestones", type=float, nargs="+", default=None,
                         help="fractions of the epochs at which lr is multiplied by --lr-gamma")
     parser.add_argument("--lr-gamma", type=float, default=None)
+    parser.add_argument("--augment", default=None,
+                        help="none (default), flip or dihedral (anomap.augment)")
     parser.add_argument("--resize-mode", default=None,
                         help="letterbox (default), mirror or stretch; a resumed run keeps its own")
     parser.add_argument("--margin", type=int, default=None,
@@ -146,7 +148,8 @@ def main() -> None:
                                         "image_size": args.image_size,
                                         "selection": args.selection, "lr": args.lr,
                                         "lr_milestones": args.lr_milestones,
-                                        "lr_gamma": args.lr_gamma},
+                                        "lr_gamma": args.lr_gamma,
+                                        "augment": args.augment},
                       resize_mode=args.resize_mode, margin=args.margin, seed=args.seed,
                       device=args.device,
                       preset=args.preset, map_normalization=args.map_normalization,

@@ -44,6 +44,11 @@ def _lr(recipe: dict) -> str:
     return f"{recipe['lr']:g}, x{recipe['lr_gamma']:g} at {at}%"
 
 
+def _augment(recipe: dict) -> str:
+    kind = recipe.get("augment", "none")
+    return "" if kind == "none" else f", augment {kind}"
+
+
 def accuracy_table() -> str:
     lines = ["| run | method | model | input | epochs (kept) | batch | lr | image AUROC "
              "| pixel AUROC | AUPRO | F1-max | train ms/img | command |",
@@ -55,7 +60,7 @@ def accuracy_table() -> str:
         m, config = record["metrics"], record["config"]
         lines.append(
             f"| {record['name']} | {config['method']} | {_model(config)} "
-            f"| {describe_geometry(config['geometry'])} "
+            f"| {describe_geometry(config['geometry'])}{_augment(config['recipe'])} "
             f"| {record['epochs']} ({record['best_epoch']}) | {config['recipe']['batch_size']} "
             f"| {_lr(config['recipe'])} | {_fmt(m['image_auroc'])} "
             f"| {_fmt(m['pixel_auroc'])} | {_fmt(m['aupro'])} "

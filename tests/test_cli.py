@@ -63,14 +63,15 @@ def test_train_and_test_on_plain_folders(toy_data: Path, tmp_path: Path,
                  "--mask-dir", str(toy_data / "ground_truth" / "hole"),
                  "--test-normal-dir", str(toy_data / "test" / "good"),
                  "--out", str(run), "--epochs", "1", "--batch-size", "8", "--image-size", "64",
-                 "--resize-mode", "mirror", "--margin", "4",
+                 "--resize-mode", "mirror", "--margin", "4", "--augment", "flip",
                  "--device", "cpu", "--no-progress", "--test"])
     assert code == 0, capsys.readouterr().err
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["n_images"] == 15 and metrics["n_defective"] == 5
     assert "64 px mirror, margin 4" in metrics["settings"]
+    assert "augment flip" in metrics["settings"]
     config = json.loads((run / "config.json").read_text())
-    assert config["recipe"]["epochs"] == 1
+    assert (config["recipe"]["epochs"], config["recipe"]["augment"]) == (1, "flip")
     assert config["geometry"] == {"size": 64, "mode": "mirror", "margin": 4}
     # the same command again refuses to overwrite the finished run
     code = main(["train", "--data", str(toy_data / "train" / "good"), "--out", str(run),

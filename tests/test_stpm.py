@@ -197,6 +197,27 @@ def test_a_finished_run_trains_on_with_a_new_lr_schedule(
                ["resume_commands"]) == 1
 
 
+def test_augmented_training_recomputes_targets_and_resumes_exactly(
+        toy_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flipped images need their own teacher targets (the per-image cache would be
+    wrong), and the variants drawn must follow the seed so resume stays exact."""
+    plain = _tiny_fit(toy_data, tmp_path / "plain", epochs=1)["history"]
+
+    def no_cache(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("augmented training must not use cached targets")
+
+    monkeypatch.setattr(train, "cache_frozen_targets", no_cache)
+    _tiny_fit(toy_data, tmp_path / "a", epochs=3, augment="dihedral")
+    flipped = _tiny_fit(toy_data, tmp_path / "b", epochs=2, augment="dihedral")["history"]
+    _tiny_fit(toy_data, tmp_path / "b", epochs=3, resume=True)
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert flipped[0]["loss"] != pytest.approx(plain[0]["loss"], rel=1e-4)
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config["recipe"]["augment"] == "dihedral"
+
+
 def test_retune_reads_the_map_anew_and_recalibrates_on_held_out_normals(
         trained_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "retuned"

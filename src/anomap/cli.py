@@ -64,6 +64,7 @@ def _add_calibration_args(parser: argparse.ArgumentParser, retuning: bool) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from anomap.augment import AUGMENTATIONS
     from anomap.data import RESIZE_MODES
     from anomap.methods import METHODS, SELECTION_RULES
 
@@ -85,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fractions of the epochs at which lr is multiplied by --lr-gamma")
     train.add_argument("--lr-gamma", type=float,
                        help="lr factor at each milestone (default: the method's)")
+    train.add_argument("--augment", choices=AUGMENTATIONS,
+                       help="random flips (flip) or flips and 90-degree turns (dihedral) of "
+                            "the training images, for data whose normal photos stay normal "
+                            "that way (default none)")
     train.add_argument("--backbone", help="e.g. efficientnet_lite0 (offline default), resnet18")
     train.add_argument("--weights", help="teacher weights: 'imagenet' (default) or a .pth file")
     train.add_argument("--strides", type=int, nargs="+",
@@ -189,7 +194,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("--data is required (unless --resume)")
     recipe = {"epochs": args.epochs, "batch_size": args.batch_size,
               "image_size": args.image_size, "lr": args.lr, "selection": args.selection,
-              "lr_milestones": args.lr_milestones, "lr_gamma": args.lr_gamma}
+              "lr_milestones": args.lr_milestones, "lr_gamma": args.lr_gamma,
+              "augment": args.augment}
     try:
         result = fit(args.model, args.data, args.out,
                      model_config={"backbone": args.backbone, "weights": args.weights,

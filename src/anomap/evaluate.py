@@ -168,6 +168,8 @@ def describe_settings(config: dict[str, Any]) -> str:
         parts.append(describe_geometry(geometry))
     if recipe:
         parts.append(f"{recipe.get('epochs')} epochs, batch {recipe.get('batch_size')}")
+    if recipe.get("augment", "none") != "none":
+        parts.append(f"augment {recipe['augment']}")
     if config.get("map_normalization", "none") != "none":
         parts.append(f"map normalised per {config['map_normalization']}")
     if config.get("retuned_from"):

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from anomap import __version__
 from anomap.allocator import keep_freed_memory
+from anomap.augment import augment_batch
 from anomap.calibrate import NO_SPLIT_SOURCE, Calibration, normal_split
 from anomap.data import Geometry, LoadedSet, load_set, to_float
 from anomap.evaluate import infer
@@ -50,6 +51,9 @@ from anomap.standardize import check_normalization, require_enough_images
 from anomap.synth import make_anomaly_source, synthesize
 
 log = logging.getLogger(__name__)
+
+#: offset of the per-epoch seed that draws augmentation variants (apart from the order's)
+AUGMENT_STREAM = 50_000_017
 
 
 def seed_everything(seed: int) -> None:
@@ -358,14 +362,17 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
     step_fn = _training_step(model, device)
     n = len(train_set)
     batch_size = min(recipe.batch_size, n)
-    targets = cache_frozen_targets(model, train_set, batch_size=batch_size, device=device,
-                                   progress=progress)
+    # Augmented images change every epoch, so their frozen targets must be computed anew.
+    targets = (None if recipe.augment != "none" else
+               cache_frozen_targets(model, train_set, batch_size=batch_size, device=device,
+                                    progress=progress))
     steps = (n + batch_size - 1) // batch_size
     epochs = tqdm(range(start_epoch, recipe.epochs), desc="epochs", initial=start_epoch,
                   total=recipe.epochs, disable=not progress, unit="epoch")
     for epoch in epochs:
         started = time.perf_counter()
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        variants = torch.Generator().manual_seed(seed * 100_003 + epoch + AUGMENT_STREAM)
         total, seen = 0.0, 0
         epoch_lr = optimizer.param_groups[0]["lr"]  # the scheduler changes it after the epoch
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False,
@@ -374,7 +381,8 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
             index = order[step * batch_size:(step + 1) * batch_size]
             if len(index) < 2 and steps > 1:  # a batch of 1 breaks BatchNorm statistics
                 continue
-            images = to_float(train_set.images[index]).to(device, non_blocking=True)
+            images = augment_batch(to_float(train_set.images[index]), recipe.augment, variants)
+            images = images.to(device, non_blocking=True)
             batch_targets = (None if targets is None
                              else [t[index.to(t.device)] for t in targets])
             losses = {k: v.mean() for k, v in step_fn(images, batch_targets).items()}  # GPU mean

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anomap.augment import check_augmentation
+
 SELECTION_RULES = ("val_score", "last", "synthetic")
 
 
@@ -34,12 +36,15 @@ class Recipe:
     # "val_score" lowest mean score (STPM), "last" the final epoch (DRAEM's
     # code), "synthetic" best AUROC on synthetic anomalies pasted into them.
     selection: str = "val_score"
+    # Random flips / right-angle turns of the training images (anomap.augment).
+    augment: str = "none"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.selection not in SELECTION_RULES:
             raise ValueError(f"unknown selection {self.selection!r}: "
                              f"{', '.join(SELECTION_RULES)}")
+        check_augmentation(self.augment)
 
     def updated(self, **overrides: Any) -> Recipe:
         """A copy with the non-None overrides applied (unknown names are an error)."""

@@ -1,0 +1,41 @@
+"""Training-time augmentation of the normal images: random flips and right-angle turns.
+
+A student trained on a few hundred photos sees every one of them hundreds of
+times; flipping or turning them shows it more normal texture for the same
+data. It only makes sense where a flipped or turned normal photo is still
+normal (textures, tiles seen from above), so it is off by default.
+
+``flip`` flips each image left-right and/or top-bottom (4 variants);
+``dihedral`` also swaps the axes (8 variants: every flip and 90-degree turn).
+Inputs are square batches (B, C, S, S), so every variant keeps the shape.
+"""
+
+from __future__ import annotations
+
+import torch
+
+AUGMENTATIONS = ("none", "flip", "dihedral")
+
+
+def check_augmentation(kind: str) -> None:
+    if kind not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {kind!r}: {', '.join(AUGMENTATIONS)}")
+
+
+def augment_batch(images: torch.Tensor, kind: str, generator: torch.Generator
+                  ) -> torch.Tensor:
+    """Each image of ``images`` (B, C, S, S) replaced by one of its variants,
+    drawn independently from ``generator`` (seeded by the caller, so a resumed
+    run draws what the uninterrupted run drew)."""
+    check_augmentation(kind)
+    if kind == "none":
+        return images
+    if images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"augmentation needs square images, got {tuple(images.shape[-2:])}")
+    draws = torch.rand(3, len(images), generator=generator) < 0.5
+    out = images.clone()
+    out[draws[0]] = out[draws[0]].flip(-1)
+    out[draws[1]] = out[draws[1]].flip(-2)
+    if kind == "dihedral":
+        out[draws[2]] = out[draws[2]].transpose(-1, -2)
+    return out
