@@ -64,9 +64,9 @@ def _add_calibration_args(parser: argparse.ArgumentParser, retuning: bool) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from anomap.augment import AUGMENTATIONS
     from anomap.data import RESIZE_MODES
     from anomap.methods import METHODS, SELECTION_RULES
+    from anomap.orientation import ORIENTATIONS
 
     parser = argparse.ArgumentParser(
         prog="anomap", description="Unsupervised visual anomaly detection and localization.")
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fractions of the epochs at which lr is multiplied by --lr-gamma")
     train.add_argument("--lr-gamma", type=float,
                        help="lr factor at each milestone (default: the method's)")
-    train.add_argument("--augment", choices=AUGMENTATIONS,
+    train.add_argument("--augment", choices=ORIENTATIONS,
                        help="random flips (flip) or flips and 90-degree turns (dihedral) of "
                             "the training images, for data whose normal photos stay normal "
                             "that way (default none)")

@@ -29,13 +29,13 @@ from tqdm.auto import tqdm
 
 from anomap import __version__
 from anomap.allocator import keep_freed_memory
-from anomap.augment import augment_batch
 from anomap.calibrate import NO_SPLIT_SOURCE, Calibration, normal_split
 from anomap.data import Geometry, LoadedSet, load_set, to_float
 from anomap.evaluate import infer
 from anomap.files import save_json, save_torch
 from anomap.methods import AnomalyModel, Recipe, build_model, get_method
 from anomap.metrics import image_auroc, pixel_auroc
+from anomap.orientation import random_orientations
 from anomap.run import (
     CALIBRATION_FILE,
     CONFIG_FILE,
@@ -381,7 +381,8 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
             index = order[step * batch_size:(step + 1) * batch_size]
             if len(index) < 2 and steps > 1:  # a batch of 1 breaks BatchNorm statistics
                 continue
-            images = augment_batch(to_float(train_set.images[index]), recipe.augment, variants)
+            images = random_orientations(to_float(train_set.images[index]), recipe.augment,
+                                         variants)
             images = images.to(device, non_blocking=True)
             batch_targets = (None if targets is None
                              else [t[index.to(t.device)] for t in targets])

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomap.augment import check_augmentation
+from anomap.orientation import check_orientations
 
 SELECTION_RULES = ("val_score", "last", "synthetic")
 
@@ -36,7 +36,7 @@ class Recipe:
     # "val_score" lowest mean score (STPM), "last" the final epoch (DRAEM's
     # code), "synthetic" best AUROC on synthetic anomalies pasted into them.
     selection: str = "val_score"
-    # Random flips / right-angle turns of the training images (anomap.augment).
+    # Random flips / right-angle turns of the training images (anomap.orientation).
     augment: str = "none"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -44,7 +44,7 @@ class Recipe:
         if self.selection not in SELECTION_RULES:
             raise ValueError(f"unknown selection {self.selection!r}: "
                              f"{', '.join(SELECTION_RULES)}")
-        check_augmentation(self.augment)
+        check_orientations(self.augment)
 
     def updated(self, **overrides: Any) -> Recipe:
         """A copy with the non-None overrides applied (unknown names are an error)."""

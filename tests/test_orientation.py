@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from anomap.augment import augment_batch
 from anomap.methods import Recipe
+from anomap.orientation import random_orientations
 
 
 def _variants(image: torch.Tensor, turns: bool) -> list[torch.Tensor]:
@@ -18,7 +18,7 @@ def _variants(image: torch.Tensor, turns: bool) -> list[torch.Tensor]:
 @pytest.mark.parametrize(("kind", "n_variants"), [("flip", 4), ("dihedral", 8)])
 def test_each_image_becomes_one_of_its_own_variants(kind: str, n_variants: int) -> None:
     images = torch.rand(64, 3, 5, 5)
-    out = augment_batch(images, kind, torch.Generator().manual_seed(1))
+    out = random_orientations(images, kind, torch.Generator().manual_seed(1))
     seen = set()
     for image, result in zip(images, out, strict=True):
         matches = [i for i, v in enumerate(_variants(image, kind == "dihedral"))
@@ -31,18 +31,18 @@ def test_each_image_becomes_one_of_its_own_variants(kind: str, n_variants: int) 
 
 def test_same_generator_seed_draws_the_same_variants() -> None:
     images = torch.rand(16, 1, 4, 4)
-    first = augment_batch(images, "dihedral", torch.Generator().manual_seed(7))
-    again = augment_batch(images, "dihedral", torch.Generator().manual_seed(7))
-    other = augment_batch(images, "dihedral", torch.Generator().manual_seed(8))
+    first = random_orientations(images, "dihedral", torch.Generator().manual_seed(7))
+    again = random_orientations(images, "dihedral", torch.Generator().manual_seed(7))
+    other = random_orientations(images, "dihedral", torch.Generator().manual_seed(8))
     assert torch.equal(first, again) and not torch.equal(first, other)
 
 
 def test_none_leaves_the_batch_as_it_is_and_unknown_kinds_are_refused() -> None:
     images = torch.rand(2, 3, 4, 4)
-    assert augment_batch(images, "none", torch.Generator()) is images
+    assert random_orientations(images, "none", torch.Generator()) is images
     with pytest.raises(ValueError, match="unknown augmentation 'rotate'"):
-        augment_batch(images, "rotate", torch.Generator())
+        random_orientations(images, "rotate", torch.Generator())
     with pytest.raises(ValueError, match="unknown augmentation"):
         Recipe(augment="rotate")
     with pytest.raises(ValueError, match="square"):
-        augment_batch(torch.rand(2, 3, 4, 6), "flip", torch.Generator())
+        random_orientations(torch.rand(2, 3, 4, 6), "flip", torch.Generator())

@@ -14,20 +14,21 @@ from __future__ import annotations
 
 import torch
 
-AUGMENTATIONS = ("none", "flip", "dihedral")
+ORIENTATIONS = ("none", "flip", "dihedral")
 
 
-def check_augmentation(kind: str) -> None:
-    if kind not in AUGMENTATIONS:
-        raise ValueError(f"unknown augmentation {kind!r}: {', '.join(AUGMENTATIONS)}")
+def check_orientations(kind: str) -> None:
+    """Refuse an unknown ``--augment`` value, naming the known ones."""
+    if kind not in ORIENTATIONS:
+        raise ValueError(f"unknown augmentation {kind!r}: {', '.join(ORIENTATIONS)}")
 
 
-def augment_batch(images: torch.Tensor, kind: str, generator: torch.Generator
+def random_orientations(images: torch.Tensor, kind: str, generator: torch.Generator
                   ) -> torch.Tensor:
     """Each image of ``images`` (B, C, S, S) replaced by one of its variants,
     drawn independently from ``generator`` (seeded by the caller, so a resumed
     run draws what the uninterrupted run drew)."""
-    check_augmentation(kind)
+    check_orientations(kind)
     if kind == "none":
         return images
     if images.shape[-1] != images.shape[-2]:
