@@ -109,7 +109,7 @@ def main() -> None:
                         help="fractions of the epochs at which lr is multiplied by --lr-gamma")
     parser.add_argument("--lr-gamma", type=float, default=None)
     parser.add_argument("--augment", default=None,
-                        help="none (default), flip or dihedral (anomap.augment)")
+                        help="none (default), flip or dihedral (anomap.orientation)")
     parser.add_argument("--resize-mode", default=None,
                         help="letterbox (default), mirror or stretch; a resumed run keeps its own")
     parser.add_argument("--margin", type=int, default=None,
