@@ -25,6 +25,7 @@ import torch
 
 from anomap.calibrate import retune
 from anomap.evaluate import evaluate_run
+from anomap.orientation import ORIENTATIONS
 from anomap.run import load_history
 from anomap.standardize import NORMALIZATIONS
 from anomap.train import fit
@@ -108,8 +109,8 @@ def main() -> None:
     parser.add_argument("--lr-milestones", type=float, nargs="+", default=None,
                         help="fractions of the epochs at which lr is multiplied by --lr-gamma")
     parser.add_argument("--lr-gamma", type=float, default=None)
-    parser.add_argument("--augment", default=None,
-                        help="none (default), flip or dihedral (anomap.orientation)")
+    parser.add_argument("--augment", default=None, choices=ORIENTATIONS,
+                        help="random flips / turns of the training images (default none)")
     parser.add_argument("--resize-mode", default=None,
                         help="letterbox (default), mirror or stretch; a resumed run keeps its own")
     parser.add_argument("--margin", type=int, default=None,

@@ -198,10 +198,19 @@ def test_a_finished_run_trains_on_with_a_new_lr_schedule(
 
 
 def test_augmented_training_recomputes_targets_and_resumes_exactly(
-        toy_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        toy_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     """Flipped images need their own teacher targets (the per-image cache would be
-    wrong), and the variants drawn must follow the seed so resume stays exact."""
+    wrong), and the orientations drawn must follow the seed so resume stays exact."""
     plain = _tiny_fit(toy_data, tmp_path / "plain", epochs=1)["history"]
+    # a run made before --augment existed resumes as unaugmented, without a warning
+    config_path = tmp_path / "plain" / "config.json"
+    old = json.loads(config_path.read_text())
+    del old["recipe"]["augment"]
+    config_path.write_text(json.dumps(old))
+    with caplog.at_level("WARNING", logger="anomap"):
+        _tiny_fit(toy_data, tmp_path / "plain", epochs=2, resume=True, augment="none")
+    assert "ignored on resume" not in caplog.text
 
     def no_cache(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("augmented training must not use cached targets")
@@ -214,6 +223,9 @@ def test_augmented_training_recomputes_targets_and_resumes_exactly(
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert flipped[0]["loss"] != pytest.approx(plain[0]["loss"], rel=1e-4)
+    with caplog.at_level("WARNING", logger="anomap"):
+        _tiny_fit(toy_data, tmp_path / "b", epochs=4, resume=True, augment="flip")
+    assert "--augment is ignored on resume (the run keeps dihedral)" in caplog.text
     config = json.loads((tmp_path / "b" / "config.json").read_text())
     assert config["recipe"]["augment"] == "dihedral"
 

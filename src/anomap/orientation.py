@@ -5,9 +5,11 @@ times; flipping or turning them shows it more normal texture for the same
 data. It only makes sense where a flipped or turned normal photo is still
 normal (textures, tiles seen from above), so it is off by default.
 
-``flip`` flips each image left-right and/or top-bottom (4 variants);
-``dihedral`` also swaps the axes (8 variants: every flip and 90-degree turn).
-Inputs are square batches (B, C, S, S), so every variant keeps the shape.
+``flip`` flips each image left-right and/or top-bottom (4 orientations);
+``dihedral`` also swaps the axes (8: every flip and 90-degree turn). Inputs are
+square batches (B, C, S, S), so every orientation keeps the shape. Training
+with either recomputes a frozen teacher's targets every step (they change
+with the orientation), so an STPM epoch costs about 1.2x more.
 """
 
 from __future__ import annotations
@@ -17,18 +19,18 @@ import torch
 ORIENTATIONS = ("none", "flip", "dihedral")
 
 
-def check_orientations(kind: str) -> None:
+def check_orientation(kind: str) -> None:
     """Refuse an unknown ``--augment`` value, naming the known ones."""
     if kind not in ORIENTATIONS:
-        raise ValueError(f"unknown augmentation {kind!r}: {', '.join(ORIENTATIONS)}")
+        raise ValueError(f"unknown --augment {kind!r}: {', '.join(ORIENTATIONS)}")
 
 
 def random_orientations(images: torch.Tensor, kind: str, generator: torch.Generator
-                  ) -> torch.Tensor:
-    """Each image of ``images`` (B, C, S, S) replaced by one of its variants,
-    drawn independently from ``generator`` (seeded by the caller, so a resumed
-    run draws what the uninterrupted run drew)."""
-    check_orientations(kind)
+                        ) -> torch.Tensor:
+    """Each image of ``images`` (B, C, S, S) turned to one of its ``kind``
+    orientations, drawn independently from ``generator`` (seeded by the caller,
+    so a resumed run draws what the uninterrupted run drew)."""
+    check_orientation(kind)
     if kind == "none":
         return images
     if images.shape[-1] != images.shape[-2]:

@@ -90,7 +90,9 @@ EXTENDABLE = ("epochs", "lr_milestones", "lr_gamma")
 
 def _extended_recipe(saved: dict[str, Any], overrides: dict[str, Any], run_dir: Path
                      ) -> dict[str, Any]:
-    """The saved recipe with the fields a resume may change; others given are ignored, loudly."""
+    """The saved recipe with the fields a resume may change; others given are ignored, loudly.
+    Fields added to ``Recipe`` after the run was made read as their defaults (what it ran with)."""
+    saved = {**asdict(Recipe()), **saved}
     recipe = dict(saved)
     for key, value in overrides.items():
         if value is None or (key in recipe and _same(recipe[key], value)):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomap.orientation import check_orientations
+from anomap.orientation import check_orientation
 
 SELECTION_RULES = ("val_score", "last", "synthetic")
 
@@ -44,7 +44,7 @@ class Recipe:
         if self.selection not in SELECTION_RULES:
             raise ValueError(f"unknown selection {self.selection!r}: "
                              f"{', '.join(SELECTION_RULES)}")
-        check_orientations(self.augment)
+        check_orientation(self.augment)
 
     def updated(self, **overrides: Any) -> Recipe:
         """A copy with the non-None overrides applied (unknown names are an error)."""
