@@ -115,7 +115,9 @@ def main() -> None:
                         help="letterbox (default), mirror or stretch; a resumed run keeps its own")
     parser.add_argument("--margin", type=int, default=None,
                         help="pixels of padding kept around the photo (default 0; see docs/mtd.md)")
-    parser.add_argument("--preset", default="auto", help="paper, cpu or auto (by device)")
+    parser.add_argument("--preset", default="auto",
+                        help="the method's preset (anomap train --help lists them) "
+                             "or auto (paper or cpu by device)")
     parser.add_argument("--selection", default=None,
                         help="val_score, last or synthetic (default: the method's recipe)")
     parser.add_argument("--anomaly-source", default=None,

@@ -75,8 +75,8 @@ def build(spec: str) -> tuple[AnomalyModel, Recipe]:
     if method == "stpm":
         return build_model("stpm", backbone=variant or None, weights="random"), \
             cls.default_recipe()
-    recipe, config = cls.presets()[variant or "paper"]
-    return build_model(method, **config), recipe
+    preset = cls.presets()[variant or "paper"]
+    return build_model(method, **preset.config), preset.recipe
 
 
 def measure_inference(detector: Detector, paths: list[Path], batch: int, flops: float

@@ -197,6 +197,32 @@ def test_a_finished_run_trains_on_with_a_new_lr_schedule(
                ["resume_commands"]) == 1
 
 
+def test_large_defects_preset_sets_recipe_map_and_normalization_and_yields_to_options(
+        toy_data: Path, tmp_path: Path) -> None:
+    fit("stpm", toy_data, tmp_path / "preset", preset="large-defects",
+        recipe_overrides={"epochs": 1, "image_size": 64}, device="cpu", progress=False)
+    config = json.loads((tmp_path / "preset" / "config.json").read_text())
+    assert config["preset"] == "large-defects"
+    assert (config["model"]["strides"], config["model"]["map_strides"],
+            config["model"]["score_window"]) == ([8, 16, 32], [16, 32], 21)
+    assert (config["recipe"]["batch_size"], config["recipe"]["lr_milestones"],
+            config["recipe"]["epochs"]) == (8, [0.8, 0.9], 1)
+    assert config["map_normalization"] == "position"
+    assert (tmp_path / "preset" / "position_stats.pt").is_file()
+
+    fit("stpm", toy_data, tmp_path / "options", preset="large-defects",
+        model_config={"score_window": 9}, map_normalization="none",
+        recipe_overrides={"epochs": 1, "image_size": 64, "batch_size": 4}, device="cpu",
+        progress=False)
+    config = json.loads((tmp_path / "options" / "config.json").read_text())
+    assert (config["model"]["strides"], config["model"]["score_window"],
+            config["recipe"]["batch_size"], config["map_normalization"]) == (
+        [8, 16, 32], 9, 4, "none")
+    with pytest.raises(ValueError, match="large-defects \\(large, low-contrast"):
+        fit("stpm", toy_data, tmp_path / "unknown", preset="mtd", device="cpu",
+            progress=False)
+
+
 def test_augmented_training_recomputes_targets_and_resumes_exactly(
         toy_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:

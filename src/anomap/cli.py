@@ -60,7 +60,8 @@ def _add_calibration_args(parser: argparse.ArgumentParser, retuning: bool) -> No
                         help="position: read each map position in standard deviations of the "
                              "held-out normal maps there; helps where photos share a frame "
                              "(docs/mtd.md) (default: "
-                             + ("the run's)" if retuning else "none; on --resume the run's)"))
+                             + ("the run's)" if retuning else "the preset's, none but for STPM's "
+                                                "large-defects; on --resume the run's)"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,9 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="STPM: feature-pyramid levels as strides (default 4 8 16, the "
                             "paper's; 8 16 32 suits large, low-contrast defects, see docs/mtd.md)")
     _add_inference_args(train)
+    presets = "; ".join(f"{name}: " + ", ".join(METHODS[name].presets())
+                        for name in sorted(METHODS))
     train.add_argument("--preset", default="auto",
-                       help="recipe: paper (faithful), cpu (methods too heavy for a CPU), "
-                            "auto = paper on a GPU, cpu on a CPU")
+                       help="a named starting point that single options then change "
+                            f"({presets}): paper is faithful, cpu fits a method too heavy "
+                            "for a CPU, large-defects is STPM's best on MTD (docs/mtd.md); "
+                            "auto = paper on a GPU, cpu where there is one on a CPU")
     train.add_argument("--anomaly-source",
                        help="DRAEM: folder of texture images (e.g. DTD), or builtin, "
                             "procedural, skimage (default: builtin, offline)")

@@ -37,7 +37,8 @@ def random_orientations(images: torch.Tensor, kind: str, generator: torch.Genera
         return images
     if images.shape[-1] != images.shape[-2]:
         raise ValueError(f"augmentation needs square images, got {tuple(images.shape[-2:])}")
-    draws = torch.rand(3, len(images), generator=generator) < 0.5
+    # drawn on the CPU generator (same draws on every device), applied where the images are
+    draws = (torch.rand(3, len(images), generator=generator) < 0.5).to(images.device)
     out = images.clone()
     out[draws[0]] = out[draws[0]].flip(-1)
     out[draws[1]] = out[draws[1]].flip(-2)

@@ -150,9 +150,11 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
         preset: str = "auto", progress: bool = True) -> dict[str, Any]:
     """``anomap train``: everything from a data folder to a usable run folder.
 
-    ``preset`` picks the method's recipe (``paper``, or ``cpu`` for methods
-    too heavy for a CPU; ``auto`` chooses by device); ``recipe_overrides`` and
-    ``model_config`` then change single fields.
+    ``preset`` picks one of the method's named starting points (``paper``;
+    ``cpu`` for methods too heavy for a CPU; others measured for a kind of
+    data, such as STPM's ``large-defects``; ``auto`` chooses paper or cpu by
+    device); ``recipe_overrides``, ``model_config`` and ``map_normalization``
+    then change single fields.
     """
     run_dir = Path(run_dir)
     torch_device = resolve_device(device)
@@ -192,14 +194,13 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
             raise ValueError(f"{method_cls.name} has no option {', '.join(unknown)}; its "
                              f"options: {', '.join(method_cls.default_config())}")
         preset = method_cls.resolve_preset(preset, torch_device.type)
-        preset_recipe, preset_config = method_cls.presets()[preset]
-        recipe = preset_recipe.updated(**(recipe_overrides or {}))
+        chosen = method_cls.presets()[preset]
+        recipe = chosen.recipe.updated(**(recipe_overrides or {}))
         config = {
             "anomap_version": __version__,
             "method": method_cls.name,
             "preset": preset,
-            "model": {**method_cls.default_config(), **preset_config,
-                      **given},
+            "model": {**method_cls.default_config(), **chosen.config, **given},
             "recipe": asdict(recipe),
             "geometry": asdict(Geometry(recipe.image_size, resize_mode or "letterbox",
                                         margin or 0)),
@@ -210,7 +211,7 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
                      "val_fraction": val_fraction},
             "seed": seed,
             "threshold_quantile": threshold_quantile,
-            "map_normalization": map_normalization or "none",
+            "map_normalization": map_normalization or chosen.map_normalization,
             "command": " ".join(sys.argv),
         }
     recipe_dict = dict(config["recipe"])
@@ -383,9 +384,9 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
             index = order[step * batch_size:(step + 1) * batch_size]
             if len(index) < 2 and steps > 1:  # a batch of 1 breaks BatchNorm statistics
                 continue
-            images = random_orientations(to_float(train_set.images[index]), recipe.augment,
-                                         variants)
-            images = images.to(device, non_blocking=True)
+            # uint8 travels to the device (4x less than float), then is converted and turned there
+            images = train_set.images[index].to(device, non_blocking=True)
+            images = random_orientations(to_float(images), recipe.augment, variants)
             batch_targets = (None if targets is None
                              else [t[index.to(t.device)] for t in targets])
             losses = {k: v.mean() for k, v in step_fn(images, batch_targets).items()}  # GPU mean

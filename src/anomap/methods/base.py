@@ -58,6 +58,17 @@ class Recipe:
         return Recipe(**values)
 
 
+@dataclass(frozen=True)
+class Preset:
+    """A named starting point: a recipe, the constructor options and the way of
+    reading maps that were measured together, and when to use it."""
+
+    recipe: Recipe
+    config: dict[str, Any] = field(default_factory=dict)
+    map_normalization: str = "none"
+    use: str = ""
+
+
 class AnomalyModel(nn.Module):
     """Base class of the methods.
 
@@ -88,10 +99,11 @@ class AnomalyModel(nn.Module):
         return {}
 
     @classmethod
-    def presets(cls) -> dict[str, tuple[Recipe, dict[str, Any]]]:
-        """Named (recipe, config overrides) pairs. ``paper`` is the faithful
-        setting; a method too heavy for a CPU adds a measured ``cpu`` one."""
-        return {"paper": (cls.default_recipe(), {})}
+    def presets(cls) -> dict[str, Preset]:
+        """Named starting points. ``paper`` is the faithful setting; a method too
+        heavy for a CPU adds a measured ``cpu`` one, and a method may add
+        others measured for a kind of data."""
+        return {"paper": Preset(cls.default_recipe(), use="the paper's recipe")}
 
     @classmethod
     def resolve_preset(cls, name: str, device_type: str) -> str:
@@ -101,8 +113,9 @@ class AnomalyModel(nn.Module):
         if name == "auto":
             return "cpu" if device_type != "cuda" and "cpu" in available else "paper"
         if name not in available:
-            raise ValueError(f"{cls.name} has no preset {name!r}; available: "
-                             f"{', '.join(['auto', *available])}")
+            choices = "; ".join(f"{key} ({preset.use})" for key, preset in available.items())
+            raise ValueError(f"{cls.name} has no preset {name!r}; available: auto (paper on a "
+                             f"GPU, cpu where there is one on a CPU); {choices}")
         return name
 
     def write_training_samples(self, images: torch.Tensor, path: Any, n: int = 8) -> Any:

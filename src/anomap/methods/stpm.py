@@ -17,6 +17,12 @@ filter instead; 21 scored better on every model measured (docs/mtd.md). Option
 levels are still trained (the finest helps the student learn), but on MTD
 the map without the stride-8 level scored better on five of six models and
 level on the sixth (docs/mtd.md).
+
+Preset ``large-defects`` is the best recipe measured on MTD (large,
+low-contrast defects on a brushed texture): levels 8/16/32, batch 8, lr x0.1
+at 80% and 90% of 100 epochs, map from the 16/32 levels, 21x21 score window,
+positions read against the held-out normals; 0.964 and 0.966 image AUROC
+(two seeds) against 0.696 for the paper's recipe.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from anomap.backbones import create_backbone
-from anomap.methods.base import AnomalyModel, Recipe
+from anomap.methods.base import AnomalyModel, Preset, Recipe
 
 
 def unit_vectors(features: torch.Tensor) -> torch.Tensor:
@@ -81,6 +87,18 @@ class STPM(AnomalyModel):
     def default_config(cls) -> dict[str, Any]:
         return {"backbone": "efficientnet_lite0", "weights": "imagenet", "strides": [4, 8, 16],
                 "score_window": 1, "map_strides": None}
+
+    @classmethod
+    def presets(cls) -> dict[str, Preset]:
+        large_defects = cls.default_recipe().updated(batch_size=8, lr_milestones=(0.8, 0.9),
+                                                      lr_gamma=0.1)
+        return {**super().presets(),
+                "large-defects": Preset(
+                    large_defects,
+                    {"strides": [8, 16, 32], "map_strides": [16, 32], "score_window": 21},
+                    map_normalization="position",
+                    use="large, low-contrast defects on textures, as in MTD: 0.964-0.966 "
+                        "image AUROC there against 0.696 for paper")}
 
     def train(self, mode: bool = True) -> STPM:
         """The teacher stays in eval mode: its BatchNorm statistics are ImageNet's."""
