@@ -102,6 +102,8 @@ def main() -> None:
                         help="STPM levels whose product is the map (default: all)")
     parser.add_argument("--score-window", type=int, default=None,
                         help="image score window (default: the method's; see docs/mtd.md)")
+    parser.add_argument("--image-score", default=None, choices=("max", "mean"),
+                        help="max of the windowed map (default) or mean of the map")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--image-size", type=int, default=None)
@@ -140,7 +142,8 @@ def main() -> None:
     started = time.perf_counter()
     model_config = {"backbone": args.backbone, "anomaly_source": args.anomaly_source,
                     "strides": args.strides, "map_strides": args.map_strides,
-                    "score_window": args.score_window}  # None: the method's default
+                    "score_window": args.score_window,
+                    "image_score": args.image_score}  # None: the method's default
     if args.retune:  # no training: the given run's weights, read with the options above
         calibration = retune(args.retune, run, model_config, device=args.device,
                              map_normalization=args.map_normalization, progress=False)

@@ -25,7 +25,9 @@ def _model(config: dict) -> str:
         text = f"{model['backbone']}, strides {'/'.join(map(str, model['strides']))}"
         if model.get("map_strides"):
             text += f", map {'/'.join(map(str, model['map_strides']))}"
-        if model.get("score_window", 1) != 1:
+        if model.get("image_score", "max") == "mean":
+            text += ", score = mean"
+        elif model.get("score_window", 1) != 1:
             text += f", window {model['score_window']}"
         if config.get("map_normalization", "none") != "none":
             text += f", normalised per {config['map_normalization']}"

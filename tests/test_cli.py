@@ -92,6 +92,13 @@ def test_train_and_test_on_plain_folders(toy_data: Path, tmp_path: Path,
     assert (tmp_path / "retuned" / "position_stats.pt").is_file()
     assert retuned["settings"].endswith("retuned from run")
     assert "score window 3" in (tmp_path / "retuned" / "report.html").read_text()
+    code = main(["retune", "--run", str(run), "--out", str(tmp_path / "mean"),
+                 "--image-score", "mean", "--device", "cpu", "--no-progress", "--test"])
+    assert code == 0, capsys.readouterr().err
+    mean = json.loads((tmp_path / "mean" / "metrics.json").read_text())
+    assert "image score = map mean" in mean["settings"]
+    assert json.loads((tmp_path / "mean" / "config.json").read_text())["model"][
+        "image_score"] == "mean"
     code = main(["retune", "--run", str(run), "--out", str(tmp_path / "bad"),
                  "--map-strides", "64", "--no-progress"])
     assert code == 2 and "map_strides" in capsys.readouterr().err

@@ -82,6 +82,16 @@ def test_score_window_scores_the_hottest_region_not_the_hottest_pixel() -> None:
         build_model("stpm", weights="random", score_window=4)
 
 
+def test_mean_image_score_adds_up_faint_evidence_over_the_whole_map() -> None:
+    model = build_model("stpm", weights="random", image_score="mean", score_window=3)
+    maps = torch.zeros(2, 4, 4)
+    maps[0, 0, 0] = 8.0  # one strong spot: mean 0.5
+    maps[1] = 0.75  # faint everywhere: mean 0.75
+    torch.testing.assert_close(model.image_score(maps), torch.tensor([0.5, 0.75]))
+    with pytest.raises(ValueError, match="unknown image_score 'median'"):
+        build_model("stpm", weights="random", image_score="median")
+
+
 def test_trained_stpm_finds_the_toy_defects(trained_run: Path) -> None:
     result = evaluate_run(trained_run, device="cpu", progress=False)
     # measured over training seeds 0-2: image 0.88-0.95, pixel 0.985-0.987, AUPRO 0.967-0.969
@@ -204,20 +214,20 @@ def test_large_defects_preset_sets_recipe_map_and_normalization_and_yields_to_op
     config = json.loads((tmp_path / "preset" / "config.json").read_text())
     assert config["preset"] == "large-defects"
     assert (config["model"]["strides"], config["model"]["map_strides"],
-            config["model"]["score_window"]) == ([8, 16, 32], [16, 32], 21)
+            config["model"]["image_score"]) == ([8, 16, 32], [32], "mean")
     assert (config["recipe"]["batch_size"], config["recipe"]["lr_milestones"],
             config["recipe"]["epochs"]) == (8, [0.8, 0.9], 1)
     assert config["map_normalization"] == "position"
     assert (tmp_path / "preset" / "position_stats.pt").is_file()
 
     fit("stpm", toy_data, tmp_path / "options", preset="large-defects",
-        model_config={"score_window": 9}, map_normalization="none",
+        model_config={"image_score": "max"}, map_normalization="none",
         recipe_overrides={"epochs": 1, "image_size": 64, "batch_size": 4}, device="cpu",
         progress=False)
     config = json.loads((tmp_path / "options" / "config.json").read_text())
-    assert (config["model"]["strides"], config["model"]["score_window"],
+    assert (config["model"]["strides"], config["model"]["image_score"],
             config["recipe"]["batch_size"], config["map_normalization"]) == (
-        [8, 16, 32], 9, 4, "none")
+        [8, 16, 32], "max", 4, "none")
     with pytest.raises(ValueError, match="large-defects \\(large, low-contrast"):
         fit("stpm", toy_data, tmp_path / "unknown", preset="mtd", device="cpu",
             progress=False)

@@ -40,12 +40,18 @@ def _add_precision_arg(parser: argparse.ArgumentParser) -> None:
 
 def _add_inference_args(parser: argparse.ArgumentParser) -> None:
     """Options that change how a trained model's map is read (``retune`` may change them)."""
+    from anomap.methods.base import IMAGE_SCORES
+
     parser.add_argument("--map-strides", type=int, nargs="+",
                         help="STPM: the trained levels whose product is the anomaly map "
                              "(default: all of --strides; see docs/mtd.md)")
     parser.add_argument("--score-window", type=int,
                         help="image score = max of the map after a KxK mean filter (odd K; "
                              "default: the method's, STPM 1 = plain max, DRAEM 21)")
+    parser.add_argument("--image-score", choices=IMAGE_SCORES,
+                        help="max: the hottest --score-window region (default); mean: the "
+                             "mean of the whole map, for large, faint defects, with "
+                             "--map-normalization position (docs/mtd.md)")
 
 
 def _add_calibration_args(parser: argparse.ArgumentParser, retuning: bool) -> None:
@@ -207,7 +213,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                    "anomaly_source": args.anomaly_source,
                                    "strides": args.strides,
                                    "map_strides": args.map_strides,
-                                   "score_window": args.score_window},
+                                   "score_window": args.score_window,
+                                   "image_score": args.image_score},
                      recipe_overrides=recipe, resize_mode=args.resize_mode, margin=args.margin,
                      defect_dir=args.defect_dir, mask_dir=args.mask_dir,
                      test_normal_dir=args.test_normal_dir, val_fraction=args.val_fraction,
@@ -247,7 +254,8 @@ def cmd_retune(args: argparse.Namespace) -> int:
     from anomap.evaluate import evaluate_run
 
     calibration = retune(args.run, args.out, {"map_strides": args.map_strides,
-                                              "score_window": args.score_window},
+                                              "score_window": args.score_window,
+                                              "image_score": args.image_score},
                          threshold_quantile=args.threshold_quantile,
                          map_normalization=args.map_normalization, device=args.device,
                          batch_size=args.batch_size, progress=not args.no_progress)

@@ -162,7 +162,9 @@ def describe_settings(config: dict[str, Any]) -> str:
         parts.append(f"levels {levels}")
     if model.get("map_strides"):
         parts.append(f"map {'/'.join(map(str, model['map_strides']))}")
-    if model.get("score_window", 1) != 1:
+    if model.get("image_score", "max") == "mean":
+        parts.append("image score = map mean")
+    elif model.get("score_window", 1) != 1:
         parts.append(f"score window {model['score_window']}")
     if geometry:
         parts.append(describe_geometry(geometry))

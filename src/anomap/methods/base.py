@@ -17,6 +17,8 @@ from torch import nn
 from anomap.orientation import check_orientation
 
 SELECTION_RULES = ("val_score", "last", "synthetic")
+#: how a map becomes the image score: its hottest KxK window, or its mean
+IMAGE_SCORES = ("max", "mean")
 
 
 @dataclass
@@ -79,7 +81,7 @@ class AnomalyModel(nn.Module):
     name: ClassVar[str] = ""
     #: config keys that change how a map is read, not what is learnt: ``anomap retune``
     #: may change them on a trained run
-    inference_options: ClassVar[tuple[str, ...]] = ("score_window",)
+    inference_options: ClassVar[tuple[str, ...]] = ("score_window", "image_score")
 
     def __init__(self, **config: Any) -> None:
         super().__init__()
@@ -87,6 +89,10 @@ class AnomalyModel(nn.Module):
         if not isinstance(window, int) or window < 1 or window % 2 == 0:
             raise ValueError(f"score_window must be a positive odd number of pixels, "
                              f"got {window!r}")
+        config.setdefault("image_score", "max")
+        if config["image_score"] not in IMAGE_SCORES:
+            raise ValueError(f"unknown image_score {config['image_score']!r}: one of "
+                             f"{', '.join(IMAGE_SCORES)}")
         self.config: dict[str, Any] = dict(config)
 
     @classmethod
@@ -142,9 +148,16 @@ class AnomalyModel(nn.Module):
         raise NotImplementedError
 
     def image_score(self, maps: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) maps in the photo's frame -> (B,) image scores: the max of
-        the map after a ``score_window`` x ``score_window`` mean filter (1 = the
-        plain max). A window makes one hot pixel count less than a hot region."""
+        """(B, H, W) maps in the photo's frame -> (B,) image scores.
+
+        ``image_score="max"``: the max of the map after a ``score_window`` x
+        ``score_window`` mean filter (1 = the plain max); a window makes one hot
+        pixel count less than a hot region. ``"mean"``: the mean of the whole
+        map, which adds up weak evidence spread over a large area; it suits maps
+        read in units of normal variation (``--map-normalization position``),
+        where a normal position averages zero wherever it is."""
+        if self.config["image_score"] == "mean":
+            return maps.flatten(1).mean(dim=1)
         window = self.config.get("score_window", 1)
         if window > 1:
             maps = F.avg_pool2d(maps[:, None], window, stride=1, padding=window // 2)

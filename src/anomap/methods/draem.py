@@ -244,7 +244,8 @@ class DRAEM(AnomalyModel):
     @classmethod
     def default_config(cls) -> dict[str, Any]:
         return {"base_width": 128, "disc_base_width": 64, "anomaly_source": None,
-                "p_anomaly": 0.5, "rotate_normal": True, "score_window": 21}
+                "p_anomaly": 0.5, "rotate_normal": True, "score_window": 21,
+                "image_score": "max"}
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies (deepcopy, pickle) leave the texture cache behind: it can be large
