@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from anomap.calibrate import normal_split, retune
 from anomap.data import load_set
@@ -116,3 +117,25 @@ def test_too_few_held_out_images_or_a_changed_normalization_fail_before_training
         fit("stpm", toy_data, trained_run, resume=True, map_normalization="position",
             device="cpu", progress=False)
     assert (trained_run / "last.pt").read_bytes() == before
+
+
+def test_masks_use_a_pixel_threshold_that_a_mean_score_does_not_lower(
+        trained_run: Path, toy_data: Path, tmp_path: Path) -> None:
+    """The mean of a standardised map is far below its hot pixels: the defect mask and
+    the heat-map colours must come from normal images' hottest pixels, not from the
+    image threshold, or every normal photo would show a defect."""
+    plain = json.loads((trained_run / "calibration.json").read_text())
+    # plain max as the image score: the two thresholds are the same quantile of the same peaks
+    assert plain["pixel_threshold"] == pytest.approx(plain["threshold"])
+    out = tmp_path / "mean"
+    calibration = retune(trained_run, out, {"image_score": "mean"},
+                         map_normalization="position", device="cpu", progress=False)
+    assert calibration["pixel_threshold"] > 3 * calibration["threshold"]
+    detector = Detector.load(out, "cpu")
+    normal = detector.predict(toy_data / "test" / "good" / "000.png")[0]
+    defect = detector.predict(toy_data / "test" / "hole" / "000.png")[0]
+    truth = np.asarray(Image.open(toy_data / "ground_truth" / "hole" / "000_mask.png")) > 0
+    assert normal.mask.mean() < 0.01
+    assert (normal.anomaly_map >= normal.threshold).mean() > 0.05  # what the old rule marked
+    assert defect.verdict == "fail" and defect.mask[truth].mean() > 0.3
+    assert defect.mask[~truth].mean() < 0.05

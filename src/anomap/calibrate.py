@@ -49,8 +49,8 @@ NO_SPLIT_SOURCE = "training images (no validation split)"
 
 
 def display_range(maps: torch.Tensor, threshold: float) -> tuple[float, float]:
-    """Heat-map colour range: normal texture sits at the low end, the threshold
-    at the middle, so a defect above it glows and normal images stay cool."""
+    """Heat-map colour range: normal texture sits at the low end, the pixel
+    threshold at the middle, so a defect above it glows and normal images stay cool."""
     sample = maps.flatten()[:: max(1, maps.numel() // 2_000_000)]
     low = float(sample.median())
     return low, low + 2.0 * max(threshold - low, 1e-12)
@@ -87,12 +87,18 @@ class Calibration:
                                    ).double().numpy()
             stats.save(self.run_dir / POSITION_STATS_FILE)  # before the threshold that uses it
         threshold = calibrate_threshold(scores, quantile=self.quantile)
+        # Masks and colours are per pixel: a pixel is marked where the map is hotter than
+        # anywhere on the same share of normal images. With the plain max as the image
+        # score this equals the image threshold; with a window or the mean it does not.
+        peaks = maps.flatten(1).amax(dim=1).double().numpy()
+        pixel_threshold = calibrate_threshold(peaks, quantile=self.quantile)
         save_json({
-            "threshold": threshold, "quantile": self.quantile, "source": source,
+            "threshold": threshold, "pixel_threshold": pixel_threshold,
+            "quantile": self.quantile, "source": source,
             "map_normalization": self.normalization,
             "n_images": len(scores), "score_mean": float(scores.mean()),
             "score_max": float(scores.max()),
-            "display_range": display_range(maps, threshold), "best_epoch": epoch,
+            "display_range": display_range(maps, pixel_threshold), "best_epoch": epoch,
             "n_skipped": len(self.skipped), "skipped": self.skipped,
         }, self.run_dir / CALIBRATION_FILE)
 

@@ -128,7 +128,8 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, *,
             amap = maps[i].numpy()
             caption = f"{sample.defect_type}  score {scores[i]:.4g}  {verdict}"
             picture = report.panel(_crop(loaded.images, i, loaded.boxes[i]), amap, vmin, vmax,
-                                   gt_mask=gt, pred_mask=amap >= threshold, caption=caption)
+                                   gt_mask=gt, pred_mask=amap >= detector.pixel_threshold,
+                                   caption=caption)
             path = out / "panels" / sample.defect_type / f"{sample.path.stem}.png"
             row["panel_png"] = str(report.save_png(picture, path))
         rows.append(row)

@@ -5,7 +5,7 @@ the data or the teacher's original weights:
 
     config.json       method, model config, recipe, geometry, seed, data, command
     model.pt          the selected weights (teacher included)
-    calibration.json  threshold and heat-map display range from held-out normals
+    calibration.json  image and pixel thresholds, heat-map display range, from held-out normals
     position_stats.pt per-position normal map statistics (--map-normalization position)
     last.pt           full training state, for --resume
     history.csv       one row per epoch
@@ -135,9 +135,10 @@ class Prediction:
     score: float
     verdict: str  # "pass" or "fail"
     anomaly_map: np.ndarray  # (H, W) float32, in the photo's own size
-    mask: np.ndarray  # (H, W) bool, anomaly_map >= threshold
+    mask: np.ndarray  # (H, W) bool, anomaly_map >= pixel_threshold
     threshold: float
     path: str | None = None
+    pixel_threshold: float | None = None
 
     @property
     def is_anomalous(self) -> bool:
@@ -158,12 +159,15 @@ class Detector:
 
     def __init__(self, model: AnomalyModel, geometry: Geometry, threshold: float,
                  display_range: tuple[float, float], config: dict[str, Any] | None = None,
-                 precision: str = "fp32", standardize: PositionStats | None = None) -> None:
+                 precision: str = "fp32", standardize: PositionStats | None = None,
+                 pixel_threshold: float | None = None) -> None:
         device = next(model.parameters()).device
         self.model = InferenceModel(model, resolve_precision(precision, device))
         self.geometry = geometry
         self.standardize = standardize
         self.threshold = float(threshold)
+        #: where the defect mask starts (runs calibrated before it existed: the threshold)
+        self.pixel_threshold = float(threshold if pixel_threshold is None else pixel_threshold)
         self.display_range = (float(display_range[0]), float(display_range[1]))
         self.config = config or {}
 
@@ -184,7 +188,7 @@ class Detector:
         calibration = load_json(run_dir / CALIBRATION_FILE)
         return cls(model, geometry_from_config(config), calibration["threshold"],
                    tuple(calibration["display_range"]), config, precision,
-                   load_position_stats(run_dir, config))
+                   load_position_stats(run_dir, config), calibration.get("pixel_threshold"))
 
     def _standardized(self, maps: torch.Tensor) -> torch.Tensor:
         return maps if self.standardize is None else self.standardize(maps)
@@ -221,7 +225,8 @@ class Detector:
                 array = resize_map(amap, (photo.height, photo.width))
                 results.append(Prediction(
                     score=score, verdict="fail" if score >= self.threshold else "pass",
-                    anomaly_map=array, mask=array >= self.threshold, threshold=self.threshold,
+                    anomaly_map=array, mask=array >= self.pixel_threshold,
+                    threshold=self.threshold, pixel_threshold=self.pixel_threshold,
                     path=str(item) if isinstance(item, str | Path) else None))
         return results
 
