@@ -25,6 +25,7 @@ import torch
 
 from anomap.calibrate import retune
 from anomap.evaluate import evaluate_run
+from anomap.methods.base import IMAGE_SCORES
 from anomap.orientation import ORIENTATIONS
 from anomap.run import load_history
 from anomap.standardize import NORMALIZATIONS
@@ -102,7 +103,7 @@ def main() -> None:
                         help="STPM levels whose product is the map (default: all)")
     parser.add_argument("--score-window", type=int, default=None,
                         help="image score window (default: the method's; see docs/mtd.md)")
-    parser.add_argument("--image-score", default=None, choices=("max", "mean"),
+    parser.add_argument("--image-score", default=None, choices=IMAGE_SCORES,
                         help="max of the windowed map (default) or mean of the map")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)

@@ -46,6 +46,7 @@ def window_aurocs(run_dir: Path, windows: list[int]) -> dict[str, object]:
     maps, _ = infer(detector.model, detector.geometry, test, standardize=detector.standardize)
     labels = np.asarray(test.labels)
     result: dict[str, object] = {"command": detector.config.get("command", ""), "windows": {}}
+    detector.model.config["image_score"] = "max"  # windows apply to the max only
     for window in windows:  # only the score changes: set it on the loaded model
         detector.model.config["score_window"] = window
         with torch.no_grad():

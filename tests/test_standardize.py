@@ -139,3 +139,8 @@ def test_masks_use_a_pixel_threshold_that_a_mean_score_does_not_lower(
     assert (normal.anomaly_map >= normal.threshold).mean() > 0.05  # what the old rule marked
     assert defect.verdict == "fail" and defect.mask[truth].mean() > 0.3
     assert defect.mask[~truth].mean() < 0.05
+    # a run calibrated before the pixel threshold existed keeps its old mask rule
+    old = json.loads((out / "calibration.json").read_text())
+    del old["pixel_threshold"]
+    (out / "calibration.json").write_text(json.dumps(old))
+    assert Detector.load(out, "cpu").pixel_threshold == pytest.approx(old["threshold"])

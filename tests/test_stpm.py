@@ -208,7 +208,7 @@ def test_a_finished_run_trains_on_with_a_new_lr_schedule(
 
 
 def test_large_defects_preset_sets_recipe_map_and_normalization_and_yields_to_options(
-        toy_data: Path, tmp_path: Path) -> None:
+        toy_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     fit("stpm", toy_data, tmp_path / "preset", preset="large-defects",
         recipe_overrides={"epochs": 1, "image_size": 64}, device="cpu", progress=False)
     config = json.loads((tmp_path / "preset" / "config.json").read_text())
@@ -231,6 +231,22 @@ def test_large_defects_preset_sets_recipe_map_and_normalization_and_yields_to_op
     with pytest.raises(ValueError, match="large-defects \\(large, low-contrast"):
         fit("stpm", toy_data, tmp_path / "unknown", preset="mtd", device="cpu",
             progress=False)
+    # an option that clashes with what the preset set says where the clash comes from
+    with pytest.raises(ValueError, match="from --preset large-defects, which sets "
+                                         "--map-strides 32"):
+        fit("stpm", toy_data, tmp_path / "clash", preset="large-defects",
+            model_config={"strides": [4, 8, 16]}, recipe_overrides={"epochs": 1},
+            device="cpu", progress=False)
+    # model options and the preset are fixed once the run exists: named, not obeyed
+    with caplog.at_level("WARNING", logger="anomap"):
+        fit("stpm", toy_data, tmp_path / "preset", resume=True, preset="paper",
+            model_config={"image_score": "max", "strides": [8, 16, 32]}, device="cpu",
+            progress=False)
+    assert "--image-score is ignored on resume (the run keeps mean)" in caplog.text
+    assert "--strides" not in caplog.text  # the same value as saved: nothing to say
+    assert "--preset paper is ignored on resume" in caplog.text
+    config = json.loads((tmp_path / "preset" / "config.json").read_text())
+    assert (config["model"]["image_score"], config["preset"]) == ("mean", "large-defects")
 
 
 def test_augmented_training_recomputes_targets_and_resumes_exactly(

@@ -46,12 +46,14 @@ def _add_inference_args(parser: argparse.ArgumentParser) -> None:
                         help="STPM: the trained levels whose product is the anomaly map "
                              "(default: all of --strides; see docs/mtd.md)")
     parser.add_argument("--score-window", type=int,
-                        help="image score = max of the map after a KxK mean filter (odd K; "
-                             "default: the method's, STPM 1 = plain max, DRAEM 21)")
+                        help="with --image-score max: image score = max of the map after a "
+                             "KxK mean filter (odd K; default: the method's, STPM 1 = plain "
+                             "max, DRAEM 21)")
     parser.add_argument("--image-score", choices=IMAGE_SCORES,
-                        help="max: the hottest --score-window region (default); mean: the "
-                             "mean of the whole map, for large, faint defects, with "
-                             "--map-normalization position (docs/mtd.md)")
+                        help="max: the hottest --score-window region (default but for "
+                             "preset large-defects); mean: the mean of the whole map, for "
+                             "large, faint defects, best with --map-normalization position "
+                             "(docs/mtd.md)")
 
 
 def _add_calibration_args(parser: argparse.ArgumentParser, retuning: bool) -> None:
@@ -109,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a named starting point that single options then change "
                             f"({presets}): paper is faithful, cpu fits a method too heavy "
                             "for a CPU, large-defects is STPM's best on MTD (docs/mtd.md); "
-                            "auto = paper on a GPU, cpu where there is one on a CPU")
+                            "auto (default): the method's cpu preset on a CPU if it has one, "
+                            "else paper")
     train.add_argument("--anomaly-source",
                        help="DRAEM: folder of texture images (e.g. DTD), or builtin, "
                             "procedural, skimage (default: builtin, offline)")
@@ -308,7 +311,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                              "error": str(error)})
         for path, photo, pred in zip(kept, photos, detector.predict(photos), strict=True):
             row: dict[str, Any] = {"path": str(path), "score": pred.score,
-                                   "verdict": pred.verdict, "threshold": pred.threshold}
+                                   "verdict": pred.verdict, "threshold": pred.threshold,
+                                   "pixel_threshold": pred.pixel_threshold}
             if args.out:
                 picture = report.overlay(np.asarray(photo), pred.anomaly_map, vmin, vmax,
                                          pred_mask=pred.mask)
@@ -319,7 +323,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             rows.append(row)
     if args.format == "csv":
         text = write_predictions_csv(rows, columns=("path", "score", "verdict", "threshold",
-                                                    "overlay", "mask", "error"))
+                                                    "pixel_threshold", "overlay", "mask",
+                                                    "error"))
     else:
         text = "".join(json.dumps(row) + "\n" for row in rows)
     if args.output:

@@ -105,7 +105,8 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, *,
     result.setdefault("aupro", float("nan"))
     threshold = detector.threshold
     result.update(
-        threshold=threshold, n_images=len(loaded), n_defective=int(labels.sum()),
+        threshold=threshold, pixel_threshold=detector.pixel_threshold,
+        n_images=len(loaded), n_defective=int(labels.sum()),
         n_skipped=len(loaded.skipped), skipped=loaded.skipped, seconds=round(seconds, 3),
         images_per_second=round(len(loaded) / seconds, 3),
         model_images_per_second=round(len(loaded) / model_seconds, 3),

@@ -114,5 +114,7 @@ class InferenceModel(nn.Module):
         return self.method.image_score(maps)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw maps and their scores. A run read per position standardises its maps
+        first (``Detector.maps_and_scores``): only those scores meet its threshold."""
         maps = self.anomaly_map(images)
         return maps, self.image_score(maps)

@@ -107,6 +107,21 @@ def _extended_recipe(saved: dict[str, Any], overrides: dict[str, Any], run_dir: 
     return recipe
 
 
+def _warn_fixed_on_resume(config: dict[str, Any], model_config: dict[str, Any], preset: str,
+                          run_dir: Path) -> None:
+    """Model options and the preset are fixed once a run exists: name any given that differ."""
+    for key, value in model_config.items():
+        saved = config["model"].get(key)
+        if value is None or _same(saved, value):
+            continue
+        log.warning("%s: --%s is ignored on resume (the run keeps %s); change how a trained "
+                    "model is read with 'anomap retune', what it learns with a new --out",
+                    run_dir, key.replace("_", "-"), saved)
+    if preset not in ("auto", config.get("preset")):
+        log.warning("%s: --preset %s is ignored on resume (the run keeps %s)", run_dir, preset,
+                    config.get("preset"))
+
+
 def _epochs_done(run_dir: Path) -> int:
     state = run_dir / STATE_FILE
     if not state.is_file():
@@ -166,6 +181,8 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
             raise FileNotFoundError(f"{config_path}: nothing to resume in {run_dir}")
         config = load_json(config_path)
         config["recipe"] = _extended_recipe(config["recipe"], recipe_overrides or {}, run_dir)
+        _warn_fixed_on_resume(config, model_config or {}, preset, run_dir)
+        from_preset: dict[str, Any] = {}
         config["resume_commands"] = [*config.get("resume_commands", []), " ".join(sys.argv)]
         fixed = config.get("map_normalization", "none")
         if map_normalization not in (None, fixed):
@@ -195,6 +212,7 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
                              f"options: {', '.join(method_cls.default_config())}")
         preset = method_cls.resolve_preset(preset, torch_device.type)
         chosen = method_cls.presets()[preset]
+        from_preset = {k: v for k, v in chosen.config.items() if k not in given}
         recipe = chosen.recipe.updated(**(recipe_overrides or {}))
         config = {
             "anomap_version": __version__,
@@ -224,7 +242,16 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick kernels
 
     # Build first: a wrong backbone name or unavailable weights fail before any data is read.
-    model = build_model(config["method"], **config["model"]).to(torch_device)
+    try:
+        model = build_model(config["method"], **config["model"]).to(torch_device)
+    except ValueError as error:
+        if not from_preset:
+            raise
+        settings = ", ".join(f"--{k.replace('_', '-')} "
+                             + (" ".join(map(str, v)) if isinstance(v, list) else str(v))
+                             for k, v in from_preset.items())
+        raise ValueError(f"{error} (from --preset {config['preset']}, which sets {settings}: "
+                         "give the conflicting option too, or another --preset)") from error
     train_samples, val_samples = normal_split(config)
     train_set = load_set(train_samples, geometry, desc="reading training images",
                          progress=progress)
