@@ -26,6 +26,7 @@ import torch
 from anomap.calibrate import retune
 from anomap.evaluate import evaluate_run
 from anomap.methods.base import IMAGE_SCORES
+from anomap.methods.rstpm import FUSIONS, PAIR2_TRAINING
 from anomap.orientation import ORIENTATIONS
 from anomap.run import load_history
 from anomap.standardize import NORMALIZATIONS
@@ -125,6 +126,11 @@ def main() -> None:
                         help="val_score, last or synthetic (default: the method's recipe)")
     parser.add_argument("--anomaly-source", default=None,
                         help="synthetic-anomaly source for methods that use one")
+    parser.add_argument("--second-backbone", default=None, help="RSTPM: pair 2's teacher")
+    parser.add_argument("--attention", default=None, choices=["on", "off"], help="RSTPM")
+    parser.add_argument("--pair2-training", default=None, choices=PAIR2_TRAINING, help="RSTPM")
+    parser.add_argument("--fusion", default=None, choices=FUSIONS, help="RSTPM")
+    parser.add_argument("--decoder-width", type=int, default=None, help="RSTPM")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--runs", type=Path, default=Path("/tmp/anomap_runs"))
@@ -144,7 +150,11 @@ def main() -> None:
     model_config = {"backbone": args.backbone, "anomaly_source": args.anomaly_source,
                     "strides": args.strides, "map_strides": args.map_strides,
                     "score_window": args.score_window,
-                    "image_score": args.image_score}  # None: the method's default
+                    "image_score": args.image_score, "fusion": args.fusion,
+                    "second_backbone": args.second_backbone,
+                    "attention": None if args.attention is None else args.attention == "on",
+                    "pair2_training": args.pair2_training,
+                    "decoder_width": args.decoder_width}  # None: the method's default
     if args.retune:  # no training: the given run's weights, read with the options above
         calibration = retune(args.retune, run, model_config, device=args.device,
                              map_normalization=args.map_normalization, progress=False)

@@ -87,7 +87,7 @@ def score_photo(detector: Detector, windows: Windows, image: Image.Image
     array, (top, left, height, width) = windows.prepare(image)
     corners = windows.corners(array.shape)
     batch = to_float(torch.from_numpy(np.stack(windows.cut(array))).permute(0, 3, 1, 2))
-    maps, _ = detector.maps_and_scores(batch)
+    maps, _ = detector.network_maps_and_scores(batch)
     total = torch.zeros(array.shape[:2])
     count = torch.zeros(array.shape[:2])
     for (y, x), amap in zip(corners, maps, strict=True):

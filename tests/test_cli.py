@@ -52,7 +52,8 @@ def test_predict_csv_to_file(trained_run: Path, toy_data: Path, tmp_path: Path) 
         scores[precision] = np.array([float(r["score"]) for r in rows])
     # bfloat16 really ran (scores moved), and moved only a little on defects
     assert not np.array_equal(scores["bf16"], scores["fp32"])
-    np.testing.assert_allclose(scores["bf16"], scores["fp32"], rtol=0.2)
+    # measured over training seeds 0-2: at most 2.5-3.3% apart; 0.06 leaves room for noise
+    np.testing.assert_allclose(scores["bf16"], scores["fp32"], rtol=0.06)
 
 
 def test_train_and_test_on_plain_folders(toy_data: Path, tmp_path: Path,

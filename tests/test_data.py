@@ -112,12 +112,23 @@ def test_mirror_mode_pads_with_the_mirrored_photo_inside_a_margin() -> None:
 
 
 def test_masks_are_resized_nearest(tmp_path: Path) -> None:
-    mask = np.zeros((90, 30), np.uint8)
-    mask[10:40, 5:20] = 255
+    # one-pixel lines at column 7 and row 21 of a 64x64 mask: nearest-neighbour to 32x32
+    # samples source pixel 2k+1 of each axis and keeps both lines whole, at column 3 and
+    # row 10; any averaging filter (bilinear, box) with a cut-off thins or drops them
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 7] = 255
+    mask[21, :] = 255
     path = _write(tmp_path / "m.png", Image.fromarray(mask))
-    resized = Geometry(64, "letterbox").apply_mask(load_mask(path))
-    assert resized.dtype == bool and resized.shape == (64, 64)
-    assert 0 < resized.mean() < 0.5
+    resized = Geometry(32, "letterbox").apply_mask(load_mask(path))
+    expected = np.zeros((32, 32), dtype=bool)
+    expected[:, 3] = expected[10, :] = True
+    assert resized.dtype == bool
+    np.testing.assert_array_equal(resized, expected)
+    tall = np.zeros((90, 30), np.uint8)
+    tall[10:40, 5:20] = 255
+    stretched = Geometry(64, "letterbox").apply_mask(
+        load_mask(_write(tmp_path / "t.png", Image.fromarray(tall))))
+    assert stretched.shape == (64, 64) and set(np.unique(stretched)) == {False, True}
 
 
 def test_mvtec_layout_is_discovered(toy_data: Path) -> None:

@@ -31,13 +31,35 @@ def test_folded_model_gives_the_same_maps() -> None:
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # original kept
 
 
-def test_efficientnet_lite_folds_every_pair() -> None:
-    model = build_model("stpm", backbone="efficientnet_lite0", weights="random").eval()
+def _randomise_batchnorm(model: torch.nn.Module) -> None:
+    """Statistics and affine parameters far from the identity, as after training: a
+    BatchNorm dropped or folded into the wrong convolution then changes the maps."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.3, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.3, 0.3)
+
+
+@pytest.mark.parametrize("method, config", [
+    ("stpm", {"backbone": "efficientnet_lite0", "weights": "random"}),
+    ("draem", {"base_width": 8, "disc_base_width": 8}),
+    ("rstpm", {"weights": None, "second_weights": None, "decoder_width": 8}),
+])
+def test_every_pair_folds_into_its_own_convolution(method: str, config: dict) -> None:
+    torch.manual_seed(0)
+    model = build_model(method, **config).eval()
+    _randomise_batchnorm(model)
     fast = InferenceModel(model)
-    images = torch.rand(1, 3, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(fast(images)[0], model(images)[0], rtol=1e-4, atol=1e-5)
+    assert fast.method._fused_pairs > 0
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.anomaly_map(images)
+        folded = fast.anomaly_map(images)
+    torch.testing.assert_close(folded, expected, rtol=1e-4, atol=1e-6)
+    assert float((expected - expected.mean()).abs().max()) > 1e-3  # maps with contrast
 
 
 def test_bfloat16_maps_stay_close_to_float32() -> None:

@@ -218,6 +218,18 @@ def test_f1_max_hand_case() -> None:
     assert threshold == pytest.approx(0.4)
 
 
+def test_f1_max_ties_go_to_the_highest_threshold() -> None:
+    # labels [0,1,0,0,1], scores [0.1,0.2,0.3,0.4,0.5]:
+    #   t=0.5: P=1,   R=1/2 -> F1 2/3   <- tied best, highest threshold
+    #   t=0.4: P=1/2, R=1/2 -> F1 1/2
+    #   t=0.3: P=1/3, R=1/2 -> F1 2/5
+    #   t=0.2: P=1/2, R=1   -> F1 2/3   <- tied best
+    #   t=0.1: P=2/5, R=1   -> F1 4/7
+    f1, threshold = f1_max(np.array([0, 1, 0, 0, 1]), np.array([0.1, 0.2, 0.3, 0.4, 0.5]))
+    assert f1 == pytest.approx(2 / 3)
+    assert threshold == pytest.approx(0.5)
+
+
 def test_f1_max_without_defects_is_nan() -> None:
     f1, threshold = f1_max(np.zeros(3), np.arange(3.0))
     assert math.isnan(f1) and math.isnan(threshold)

@@ -349,8 +349,9 @@ def test_selection_rules_pick_the_epoch_they_promise(toy_data: Path, tmp_path: P
         quality = [h["synthetic_image_auroc"] + h["synthetic_pixel_auroc"] for h in history]
         assert all(0.0 <= h["synthetic_image_auroc"] <= 1.0 for h in history)
         assert kept["epoch"] == 1 + int(np.argmax(quality))
-        # the pasted anomalies are found far better than chance
-        assert max(h["synthetic_pixel_auroc"] for h in history) > 0.7
+        # the pasted anomalies are found far better than chance (0.5): 0.80-0.87 measured
+        # over the runs of this test; 0.75 leaves room for seed noise
+        assert max(h["synthetic_pixel_auroc"] for h in history) > 0.75
     assert json.loads((tmp_path / selection / "calibration.json").read_text())[
         "best_epoch"] == kept["epoch"]
 
@@ -360,9 +361,115 @@ def test_unknown_selection_rule_is_refused(toy_data: Path, tmp_path: Path) -> No
         _tiny_fit(toy_data, tmp_path / "x", epochs=1, selection="best")
 
 
-def test_holdout_is_used_for_calibration_not_test(trained_run: Path, toy_data: Path) -> None:
-    calibration = json.loads((trained_run / "calibration.json").read_text())
-    assert calibration["source"] == "validation"
-    assert calibration["n_images"] == 8  # 20% of the 40 training images
+def test_threshold_is_calibrated_on_exactly_the_held_out_split(trained_run: Path,
+                                                              toy_data: Path) -> None:
+    config = json.loads((trained_run / "config.json").read_text())
+    trained_on, held_out = normal_split(config)
     spec = discover(toy_data)
-    assert len(spec.train) == 40
+    held = {s.path.resolve() for s in held_out}
+    assert len(held) == 8  # 20% of the 40 training images
+    assert held.isdisjoint(s.path.resolve() for s in trained_on)
+    assert held.isdisjoint(s.path.resolve() for s in spec.test)
+    assert held | {s.path.resolve() for s in trained_on} == {s.path.resolve()
+                                                              for s in spec.train}
+    calibration = json.loads((trained_run / "calibration.json").read_text())
+    assert calibration["source"] == "validation" and calibration["n_images"] == len(held)
+    detector = Detector.load(trained_run, "cpu")
+
+    def quantile(samples: list[Any]) -> float:
+        return float(np.quantile([p.score for p in detector.predict([x.path for x in samples])],
+                                 config["threshold_quantile"]))
+
+    assert calibration["threshold"] == pytest.approx(quantile(held_out), rel=1e-4)
+    # and not on any other set of normal images of the same size
+    test_normals = [x for x in spec.test if x.label == 0][:len(held)]
+    for other in (trained_on[:len(held)], trained_on[-len(held):], test_normals):
+        assert calibration["threshold"] != pytest.approx(quantile(other), rel=1e-3)
+
+
+def test_network_maps_are_predicts_maps_before_the_geometry_is_undone(trained_run: Path
+                                                                      ) -> None:
+    """``network_maps_and_scores`` skips letterbox and crop back, ``predict`` does not:
+    on a stretch run their scores agree; with a letterbox and margin, ``predict``'s are
+    the network maps cropped back to the photo."""
+    detector = Detector.load(trained_run, "cpu")
+    batch = torch.randint(0, 256, (3, 3, 128, 128)).float() / 255  # lossless as uint8
+    _, raw = detector.network_maps_and_scores(batch)
+    assert [p.score for p in detector.predict(batch)] == pytest.approx(raw.tolist(), rel=1e-5)
+
+    model = build_model("stpm", weights="random").eval()
+    geometry = Geometry(64, "letterbox", margin=8)
+    boxed = Detector(model, geometry, threshold=1.0, display_range=(0.0, 1.0))
+    photo = (np.random.default_rng(0).random((30, 50, 3)) * 255).astype(np.uint8)
+    network_input, box = geometry.apply(Image.fromarray(photo))
+    tensor = torch.from_numpy(network_input).permute(2, 0, 1)[None].float() / 255
+    maps, raw_scores = boxed.network_maps_and_scores(tensor)
+    cropped = geometry.restore(maps, [box])
+    predicted = boxed.predict(photo)[0].score
+    assert predicted == pytest.approx(float(model.image_score(cropped)[0]), rel=1e-5)
+    assert predicted != pytest.approx(float(raw_scores[0]), rel=1e-3)
+
+
+def test_retune_without_changes_reproduces_the_training_threshold(trained_run: Path,
+                                                                  tmp_path: Path) -> None:
+    calibration = retune(trained_run, tmp_path / "same", {}, device="cpu", progress=False)
+    saved = json.loads((trained_run / "calibration.json").read_text())
+    # training calibrated with the model as trained, retune with its folded copy
+    assert calibration["threshold"] == pytest.approx(saved["threshold"], rel=1e-4)
+    assert calibration["pixel_threshold"] == pytest.approx(saved["pixel_threshold"], rel=1e-4)
+    assert calibration["n_images"] == saved["n_images"]
+
+
+def test_per_defect_type_auroc_against_hand_values() -> None:
+    from anomap.data import Sample
+    from anomap.evaluate import per_defect_type_auroc
+
+    samples = [Sample(Path(f"{i}.png"), label, kind) for i, (label, kind) in enumerate(
+        [(0, "good"), (0, "good"), (1, "hole"), (1, "hole"), (1, "crack")])]
+    scores = np.array([0.2, 0.6, 0.7, 0.1, 0.4])
+    # hole [0.7, 0.1] vs good [0.2, 0.6]: pairs won 2 of 4 -> 0.5; crack [0.4]: 1 of 2 -> 0.5
+    # with crack's 0.4 raised to 0.9: 2 of 2 -> 1.0; hole unchanged
+    assert per_defect_type_auroc(samples, scores) == {"crack": 0.5, "hole": 0.5}
+    scores[4] = 0.9
+    assert per_defect_type_auroc(samples, scores) == {"crack": 1.0, "hole": 0.5}
+
+
+def test_defective_images_without_masks_stay_out_of_the_pixel_metrics(
+        trained_run: Path, toy_data: Path, tmp_path: Path) -> None:
+    holes = sorted((toy_data / "test" / "hole").glob("*.png"))
+    all_defects, masked_only, masks = (tmp_path / n for n in ("all", "masked", "masks"))
+    for folder in (all_defects, masked_only, masks):
+        folder.mkdir()
+    for i, image in enumerate(holes):
+        (all_defects / image.name).write_bytes(image.read_bytes())
+        if i < 2:  # masks for two of the five
+            (masked_only / image.name).write_bytes(image.read_bytes())
+            mask = toy_data / "ground_truth" / "hole" / f"{image.stem}_mask.png"
+            (masks / mask.name).write_bytes(mask.read_bytes())
+    results = {name: evaluate_run(trained_run, toy_data / "train" / "good",
+                                  out_dir=tmp_path / f"out_{name}", defect_dir=folder,
+                                  mask_dir=masks, test_normal_dir=toy_data / "test" / "good",
+                                  device="cpu", panels=False, progress=False)
+               for name, folder in (("all", all_defects), ("masked", masked_only))}
+    assert results["all"]["n_defective"] == 5 and results["masked"]["n_defective"] == 2
+    assert results["all"]["n_pixel_images"] == results["masked"]["n_pixel_images"] == 12
+    # pixel metrics: the normals and the two masked images in both cases
+    assert results["all"]["pixel_auroc"] == pytest.approx(results["masked"]["pixel_auroc"])
+    assert results["all"]["aupro"] == pytest.approx(results["masked"]["aupro"])
+
+
+def test_training_with_nothing_held_out_calibrates_on_the_training_images(
+        toy_data: Path, tmp_path: Path) -> None:
+    from anomap.calibrate import NO_SPLIT_SOURCE
+
+    run = tmp_path / "all"
+    result = fit("stpm", toy_data, run, recipe_overrides={"epochs": 2, "batch_size": 8,
+                                                          "image_size": 64},
+                 resize_mode="stretch", device="cpu", val_fraction=0.0, progress=False)
+    calibration = json.loads((run / "calibration.json").read_text())
+    assert calibration["source"] == NO_SPLIT_SOURCE and calibration["n_images"] == 40
+    assert result["best_epoch"] == 2  # no held-out score to choose by: the last epoch
+    detector = Detector.load(run, "cpu")
+    scores = [p.score for p in detector.predict(sorted((toy_data / "train" / "good").glob(
+        "*.png")))]
+    assert calibration["threshold"] == pytest.approx(np.quantile(scores, 0.99), rel=1e-4)

@@ -41,14 +41,19 @@ def _add_precision_arg(parser: argparse.ArgumentParser) -> None:
 def _add_inference_args(parser: argparse.ArgumentParser) -> None:
     """Options that change how a trained model's map is read (``retune`` may change them)."""
     from anomap.methods.base import IMAGE_SCORES
+    from anomap.methods.rstpm import FUSIONS
 
     parser.add_argument("--map-strides", type=int, nargs="+",
-                        help="STPM: the trained levels whose product is the anomaly map "
+                        help="STPM, RSTPM: the trained levels whose maps make the anomaly map "
                              "(default: all of --strides; see docs/mtd.md)")
     parser.add_argument("--score-window", type=int,
                         help="with --image-score max: image score = max of the map after a "
                              "KxK mean filter (odd K; default: the method's, STPM 1 = plain "
                              "max, DRAEM 21)")
+    parser.add_argument("--fusion", choices=FUSIONS,
+                        help="RSTPM: how the six maps become one: level-sum (default; the two "
+                             "pairs' maps of a level added, the sums multiplied), product (all "
+                             "six multiplied) or pair-sum (each pair's product, added)")
     parser.add_argument("--image-score", choices=IMAGE_SCORES,
                         help="max: the hottest --score-window region (default but for "
                              "preset large-defects); mean: the mean of the whole map, for "
@@ -75,6 +80,7 @@ def _add_calibration_args(parser: argparse.ArgumentParser, retuning: bool) -> No
 def build_parser() -> argparse.ArgumentParser:
     from anomap.data import RESIZE_MODES
     from anomap.methods import METHODS, SELECTION_RULES
+    from anomap.methods.rstpm import PAIR2_TRAINING
     from anomap.orientation import ORIENTATIONS
 
     parser = argparse.ArgumentParser(
@@ -102,8 +108,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--backbone", help="e.g. efficientnet_lite0 (offline default), resnet18")
     train.add_argument("--weights", help="teacher weights: 'imagenet' (default) or a .pth file")
     train.add_argument("--strides", type=int, nargs="+",
-                       help="STPM: feature-pyramid levels as strides (default 4 8 16, the "
+                       help="STPM, RSTPM: feature-pyramid levels as strides (default 4 8 16, the "
                             "paper's; 8 16 32 suits large, low-contrast defects, see docs/mtd.md)")
+    train.add_argument("--second-backbone",
+                       help="RSTPM: pair 2's teacher, another network than --backbone "
+                            "(default efficientnet_lite1; resnet50 with --second-weights FILE)")
+    train.add_argument("--second-weights",
+                       help="RSTPM: pair 2's teacher weights, 'imagenet' (default) or a .pth file")
+    train.add_argument("--attention", choices=["on", "off"],
+                       help="RSTPM: spatial gates from teacher 2 on the reconstructing "
+                            "student's levels (default on)")
+    train.add_argument("--pair2-training", choices=PAIR2_TRAINING,
+                       help="RSTPM: pair 2's student rebuilds teacher 2's features of the "
+                            "normal images (default) or of the clean image behind a "
+                            "synthetic anomaly (see --anomaly-source)")
+    train.add_argument("--decoder-width", type=int,
+                       help="RSTPM: channels of the reconstructing student at stride 4, "
+                            "doubled per level (default 32)")
     _add_inference_args(train)
     presets = "; ".join(f"{name}: " + ", ".join(METHODS[name].presets())
                         for name in sorted(METHODS))
@@ -114,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "auto (default): the method's cpu preset on a CPU if it has one, "
                             "else paper")
     train.add_argument("--anomaly-source",
-                       help="DRAEM: folder of texture images (e.g. DTD), or builtin, "
+                       help="DRAEM, RSTPM with --pair2-training synthetic: folder of "
+                            "texture images (e.g. DTD), or builtin, "
                             "procedural, skimage (default: builtin, offline)")
     train.add_argument("--selection", choices=SELECTION_RULES,
                        help="which epoch becomes model.pt, judged on held-out normals: lowest "
@@ -200,6 +222,14 @@ def _print_metrics(result: dict[str, Any]) -> None:
                     for k in keys if k in result))
 
 
+def _rstpm_options(args: argparse.Namespace) -> dict[str, Any]:
+    """RSTPM's model options as given (None: not given)."""
+    return {"second_backbone": args.second_backbone, "second_weights": args.second_weights,
+            "attention": None if args.attention is None else args.attention == "on",
+            "pair2_training": args.pair2_training, "decoder_width": args.decoder_width,
+            "fusion": args.fusion}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from anomap.evaluate import evaluate_run
     from anomap.train import fit
@@ -217,7 +247,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                    "strides": args.strides,
                                    "map_strides": args.map_strides,
                                    "score_window": args.score_window,
-                                   "image_score": args.image_score},
+                                   "image_score": args.image_score,
+                                   **_rstpm_options(args)},
                      recipe_overrides=recipe, resize_mode=args.resize_mode, margin=args.margin,
                      defect_dir=args.defect_dir, mask_dir=args.mask_dir,
                      test_normal_dir=args.test_normal_dir, val_fraction=args.val_fraction,
@@ -258,7 +289,8 @@ def cmd_retune(args: argparse.Namespace) -> int:
 
     calibration = retune(args.run, args.out, {"map_strides": args.map_strides,
                                               "score_window": args.score_window,
-                                              "image_score": args.image_score},
+                                              "image_score": args.image_score,
+                                              "fusion": args.fusion},
                          threshold_quantile=args.threshold_quantile,
                          map_normalization=args.map_normalization, device=args.device,
                          batch_size=args.batch_size, progress=not args.no_progress)
@@ -343,7 +375,7 @@ def cmd_samples(args: argparse.Namespace) -> int:
     import torch
 
     from anomap.data import Geometry, discover, load_set, to_float
-    from anomap.methods import build_model
+    from anomap.methods import build_untrained
     from anomap.train import seed_everything
 
     seed_everything(args.seed)
@@ -351,7 +383,7 @@ def cmd_samples(args: argparse.Namespace) -> int:
     images = load_set(spec.train[: args.n], Geometry(args.image_size, "letterbox"),
                       progress=False).images
     config = {"anomaly_source": args.anomaly_source} if args.anomaly_source else {}
-    model = build_model(args.model, weights=None, **config)
+    model = build_untrained(args.model, **config)
     with torch.no_grad():
         path = model.write_training_samples(to_float(images), args.out, n=args.n)
     print(f"wrote {path}: rows of normal image | synthetic anomaly | mask")

@@ -98,7 +98,12 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, *,
         pixel_masks = loaded.masks[torch.from_numpy(has_mask)].numpy()
         pixel_maps = maps[torch.from_numpy(has_mask)].numpy()
     metrics_started = time.perf_counter()
-    result: dict[str, Any] = metrics.evaluate_all(labels, scores, pixel_masks, pixel_maps)
+    result: dict[str, Any] = metrics.evaluate_all(labels, scores)
+    if pixel_masks is not None:  # pixel metrics on the normals and the masked defects only
+        pixel = metrics.evaluate_all(labels[has_mask], scores[has_mask], pixel_masks,
+                                     pixel_maps)
+        result.update(pixel_auroc=pixel["pixel_auroc"], aupro=pixel["aupro"])
+    result["n_pixel_images"] = int(has_mask.sum()) if pixel_masks is not None else 0
     result["metrics_seconds"] = round(time.perf_counter() - metrics_started, 3)
     result["per_defect_type"] = per_defect_type_auroc(loaded.samples, scores)
     result.setdefault("pixel_auroc", float("nan"))

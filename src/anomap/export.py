@@ -115,6 +115,6 @@ class InferenceModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw maps and their scores. A run read per position standardises its maps
-        first (``Detector.maps_and_scores``): only those scores meet its threshold."""
+        first (``Detector.predict``): only those scores meet its threshold."""
         maps = self.anomaly_map(images)
         return maps, self.image_score(maps)

@@ -31,7 +31,7 @@ from PIL import Image
 
 from anomap.data import Geometry, load_image, to_pil
 from anomap.export import InferenceModel, resolve_precision
-from anomap.methods import AnomalyModel, build_model
+from anomap.methods import AnomalyModel, build_untrained
 from anomap.standardize import PositionStats
 
 CONFIG_FILE = "config.json"
@@ -99,7 +99,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
     run's weights (no download: the teacher's weights are inside the checkpoint)."""
     run_dir = Path(run_dir)
     config = config or load_json(run_dir / CONFIG_FILE)
-    model = build_model(config["method"], **{**config["model"], "weights": None})
+    model = build_untrained(config["method"], **config["model"])
     path = run_dir / weights_file
     if not path.is_file():
         raise RunError(f"{path}: no weights yet; training has not finished an epoch")
@@ -194,9 +194,16 @@ class Detector:
         return maps if self.standardize is None else self.standardize(maps)
 
     @torch.no_grad()
-    def maps_and_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A float batch (B, 3, S, S) in [0, 1], already in the network frame
-        (taken as photos that fill it) -> (maps (B, S, S), scores (B,)) on the CPU."""
+    def network_maps_and_scores(self, images: torch.Tensor
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A float batch (B, 3, S, S) in [0, 1] that is already the network's input
+        -> (maps (B, S, S) in the network's frame, scores (B,)) on the CPU.
+
+        No letterbox, margin or crop back: for inputs made some other way (tiles
+        cut at the network size, say). On a run trained with ``--resize-mode
+        stretch`` and no margin these are :meth:`predict`'s scores; on others, the
+        padding a photo would have had is missing, so score photos with
+        :meth:`predict`, which applies the run's geometry."""
         maps = self._standardized(self.model.anomaly_map(images.to(self.device)))
         return maps.cpu(), self.model.image_score(maps).cpu()
 

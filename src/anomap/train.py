@@ -32,6 +32,7 @@ from anomap.allocator import keep_freed_memory
 from anomap.calibrate import NO_SPLIT_SOURCE, Calibration, normal_split
 from anomap.data import Geometry, LoadedSet, load_set, to_float
 from anomap.evaluate import infer
+from anomap.export import InferenceModel
 from anomap.files import save_json, save_torch
 from anomap.methods import AnomalyModel, Recipe, build_model, get_method
 from anomap.metrics import image_auroc, pixel_auroc
@@ -47,7 +48,7 @@ from anomap.run import (
     load_json,
     resolve_device,
 )
-from anomap.standardize import check_normalization, require_enough_images
+from anomap.standardize import PositionStats, check_normalization, require_enough_images
 from anomap.synth import make_anomaly_source, synthesize
 
 log = logging.getLogger(__name__)
@@ -302,12 +303,14 @@ def synthetic_check_set(val_set: LoadedSet, geometry: Geometry, seed: int,
                      boxes=[val_set.boxes[i] for i in keep], masks=restored[keep], skipped=[])
 
 
-def synthetic_aurocs(model: AnomalyModel, geometry: Geometry, check: LoadedSet,
-                     normal_maps: torch.Tensor, normal_scores: np.ndarray, *,
-                     batch_size: int, device: torch.device) -> tuple[float, float]:
-    """(image AUROC, pixel AUROC) of clean held-out normals against ``check``."""
+def synthetic_aurocs(model: AnomalyModel | InferenceModel, geometry: Geometry,
+                     check: LoadedSet, normal_maps: torch.Tensor, normal_scores: np.ndarray, *,
+                     batch_size: int, device: torch.device,
+                     standardize: PositionStats | None = None) -> tuple[float, float]:
+    """(image AUROC, pixel AUROC) of clean held-out normals against ``check``
+    (``standardize``: read the maps as a run with position statistics does)."""
     maps, scores = infer(model, geometry, check, batch_size=batch_size, device=device,
-                         progress=False)
+                         progress=False, standardize=standardize)
     labels = np.r_[np.zeros(len(normal_scores)), np.ones(len(scores))]
     assert check.masks is not None
     masks = torch.cat((torch.zeros_like(normal_maps, dtype=torch.bool), check.masks))

@@ -6,9 +6,10 @@ from typing import Any
 
 from anomap.methods.base import SELECTION_RULES, AnomalyModel, Recipe
 from anomap.methods.draem import DRAEM
+from anomap.methods.rstpm import RSTPM
 from anomap.methods.stpm import STPM
 
-METHODS: dict[str, type[AnomalyModel]] = {cls.name: cls for cls in (STPM, DRAEM)}
+METHODS: dict[str, type[AnomalyModel]] = {cls.name: cls for cls in (STPM, DRAEM, RSTPM)}
 
 
 def get_method(name: str) -> type[AnomalyModel]:
@@ -25,4 +26,12 @@ def build_model(name: str, **config: Any) -> AnomalyModel:
     return cls(**merged)
 
 
-__all__ = ["METHODS", "SELECTION_RULES", "AnomalyModel", "Recipe", "build_model", "get_method"]
+def build_untrained(name: str, **config: Any) -> AnomalyModel:
+    """``build_model`` without loading pretrained weights: for a model whose
+    weights come from a checkpoint next, or that is only used to draw samples."""
+    cls = get_method(name)
+    return build_model(name, **{**config, **dict.fromkeys(cls.pretrained_options)})
+
+
+__all__ = ["METHODS", "SELECTION_RULES", "AnomalyModel", "Recipe", "build_model",
+           "build_untrained", "get_method"]

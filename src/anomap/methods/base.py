@@ -82,6 +82,9 @@ class AnomalyModel(nn.Module):
     #: config keys that change how a map is read, not what is learnt: ``anomap retune``
     #: may change them on a trained run
     inference_options: ClassVar[tuple[str, ...]] = ("score_window", "image_score")
+    #: config keys naming pretrained weights to load; a saved run's checkpoint holds them,
+    #: so they are set to None when it is loaded
+    pretrained_options: ClassVar[tuple[str, ...]] = ("weights",)
 
     def __init__(self, **config: Any) -> None:
         super().__init__()

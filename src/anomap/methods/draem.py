@@ -47,7 +47,7 @@ from torch import nn
 from anomap.methods.base import AnomalyModel, Preset, Recipe
 from anomap.synth import (
     AnomalySource,
-    make_anomaly_source,
+    LazyAnomalySource,
     random_rotate,
     synthesize,
     write_sample_grid,
@@ -215,9 +215,7 @@ class DRAEM(AnomalyModel):
         self.reconstructive = ReconstructiveNetwork(int(base_width))
         self.discriminative = DiscriminativeNetwork(int(disc_base_width))
         self.apply(init_weights)
-        # A dict, not an attribute: DataParallel replicas get a shallow copy of
-        # __dict__, so a source built by one replica is kept for all and for later steps.
-        self._shared: dict[str, Any] = {"source": None, "size": 256}
+        self.textures = LazyAnomalySource(self.config["anomaly_source"])
 
     @classmethod
     def default_recipe(cls) -> Recipe:
@@ -247,20 +245,10 @@ class DRAEM(AnomalyModel):
                 "p_anomaly": 0.5, "rotate_normal": True, "score_window": 21,
                 "image_score": "max"}
 
-    def __getstate__(self) -> dict[str, Any]:
-        """Copies (deepcopy, pickle) leave the texture cache behind: it can be large
-        and is rebuilt on demand."""
-        state = self.__dict__.copy()
-        state["_shared"] = {"source": None, "size": self._shared["size"]}
-        return state
-
     @property
     def anomaly_source(self) -> AnomalySource:
         """Built on first use (folders are cached at the training image size)."""
-        if self._shared["source"] is None:
-            self._shared["source"] = make_anomaly_source(self.config["anomaly_source"],
-                                                         self._shared["size"])
-        return self._shared["source"]
+        return self.textures.get()
 
     def _networks(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reconstruction and 2-class logits; sizes not divisible by 32 are
@@ -275,8 +263,7 @@ class DRAEM(AnomalyModel):
     def synthetic_batch(self, images: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(normal images, their augmented copies, masks): what one step trains on."""
-        if self._shared["source"] is None:
-            self._shared["size"] = int(images.shape[-1])
+        self.textures.get(images.shape[-1])
         with torch.no_grad():
             if self.config["rotate_normal"]:
                 images = random_rotate(images, p=0.3, max_angle=90.0)
@@ -303,9 +290,7 @@ class DRAEM(AnomalyModel):
     def write_training_samples(self, images: torch.Tensor, path: str | Path, n: int = 8
                                ) -> Path:
         """A PNG of normal | synthetic anomaly | mask rows, from this model's source."""
-        if self._shared["source"] is None:
-            self._shared["size"] = int(images.shape[-1])
-        return write_sample_grid(images, self.anomaly_source, path, n=n,
+        return write_sample_grid(images, self.textures.get(images.shape[-1]), path, n=n,
                                  p_anomaly=1.0)
 
 

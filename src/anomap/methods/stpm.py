@@ -75,10 +75,16 @@ class STPM(AnomalyModel):
                          score_window=int(score_window),
                          map_strides=None if map_strides is None else sorted(map_strides),
                          **config)
-        self.teacher = create_backbone(backbone, out_strides=strides, weights=weights)
+        self.teacher = create_backbone(backbone, out_strides=self.teacher_strides(strides),
+                                       weights=weights)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         self.student = create_backbone(backbone, out_strides=strides, weights=None)
+
+    @classmethod
+    def teacher_strides(cls, strides: tuple[int, ...]) -> tuple[int, ...]:
+        """The teacher's output levels: the student's (a subclass may want more)."""
+        return strides
 
     @classmethod
     def default_recipe(cls) -> Recipe:

@@ -88,6 +88,36 @@ def synthesize(images: torch.Tensor, source: AnomalySource, *, p_anomaly: float 
     return out, masks
 
 
+class LazyAnomalySource:
+    """A method's anomaly source, built on first use at the training image size.
+
+    Folder sources are cached at one size, which is known only once a batch
+    arrives. Copies (deepcopy, pickle) leave the built source behind: it can
+    be large and is rebuilt on demand; DataParallel replicas, which copy a
+    module's attributes shallowly, share this object and so one source.
+    """
+
+    def __init__(self, spec: str | None) -> None:
+        self.spec = spec
+        self.size = 256
+        self._source: AnomalySource | None = None
+
+    @property
+    def built(self) -> bool:
+        return self._source is not None
+
+    def get(self, size: int | None = None) -> AnomalySource:
+        """The source; ``size`` (the images' side) is used if it is not built yet."""
+        if self._source is None:
+            if size is not None:
+                self.size = int(size)
+            self._source = make_anomaly_source(self.spec, self.size)
+        return self._source
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"spec": self.spec, "size": self.size, "_source": None}
+
+
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, C, H, W) float in [0, 1] -> (B, H, W, 3) uint8; one channel is repeated."""
     images = images.detach().float().clamp(0, 1).cpu()
@@ -124,7 +154,8 @@ def write_sample_grid(images: torch.Tensor, source: AnomalySource, path: str | P
 
 
 __all__ = [
-    "AUGMENTATIONS", "AnomalySource", "ImageSource", "MixedSource", "ProceduralSource", "blend",
+    "AUGMENTATIONS", "AnomalySource", "ImageSource", "LazyAnomalySource", "MixedSource",
+    "ProceduralSource", "blend",
     "is_grayscale", "make_anomaly_source", "perlin_mask", "perlin_noise", "random_augment",
     "random_rotate", "rotate", "skimage_source", "synthesize", "write_sample_grid",
 ]
