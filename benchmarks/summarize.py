@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from anomap.data import describe_geometry
+from anomap.methods import METHODS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -25,6 +26,8 @@ def _model(config: dict) -> str:
         text = f"{model['backbone']}, strides {'/'.join(map(str, model['strides']))}"
         if model.get("map_strides"):
             text += f", map {'/'.join(map(str, model['map_strides']))}"
+        for phrase in METHODS[config["method"]].describe_options(model):
+            text += f", {phrase}"
         if model.get("image_score", "max") == "mean":
             text += ", score = mean"
         elif model.get("score_window", 1) != 1:

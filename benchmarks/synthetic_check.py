@@ -7,7 +7,7 @@ run is judged on the same fakes), as ``--selection synthetic`` judges epochs.
 A setting trained on the same kind of fakes (RSTPM's ``--pair2-training
 synthetic``, DRAEM) is favoured by this check; compare those on other grounds.
 
-    python benchmarks/synthetic_check.py --name rstpm_synthetic_check \
+    python benchmarks/synthetic_check.py --name diagnostics/synthetic_check_mtd \
         --runs /tmp/anomap_runs/stpm_lite0_e10 /tmp/anomap_runs/rstpm_lite0-lite1_e10
 """
 
@@ -56,4 +56,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 if __name__ == "__main__":
     from mtd_accuracy import analyse_runs
 
-    analyse_runs(__doc__.splitlines()[0], "synthetic_check", measure, add_arguments)
+    analyse_runs(__doc__.splitlines()[0], "diagnostics/synthetic_check", measure, add_arguments)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +178,27 @@ def test_reads_real_mtd_images() -> None:
                       progress=False)
     assert loaded.images.shape == (8, 3, 256, 256) and loaded.masks is not None
     assert loaded.masks[-4:].any()
+
+
+def _png_claiming(path: Path, width: int, height: int) -> Path:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb's
+    signature), made without allocating them."""
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR width, height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # its CRC
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_an_oversized_image_is_refused_before_decoding_with_its_size(tmp_path: Path) -> None:
+    bomb = _png_claiming(tmp_path / "bomb.png", 40000, 40000)
+    with pytest.raises(ImageReadError, match=r"bomb.png: refused.*1600000000 pixels"):
+        load_image(bomb)
+    medium = _png_claiming(tmp_path / "medium.png", 10000, 10000)  # under Pillow's refusal
+    with pytest.raises(ImageReadError, match=r"medium.png: 10000x10000 is 100,000,000 pixels"):
+        load_image(medium)
+    small = _write(tmp_path / "small.png", Image.new("RGB", (40, 30)))
+    with pytest.raises(ImageReadError, match="over the limit of 1,000"):
+        load_image(small, max_pixels=1000)
+    assert load_image(small, max_pixels=1200).size == (40, 30)

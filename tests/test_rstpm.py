@@ -147,6 +147,8 @@ def test_trained_rstpm_finds_the_toy_defects(rstpm_run: Path) -> None:
     assert result["aupro"] > 0.9, result
     config = json.loads((rstpm_run / "config.json").read_text())
     assert config["method"] == "rstpm" and config["model"]["fusion"] == "level-sum"
+    settings = json.loads((rstpm_run / "metrics.json").read_text())["settings"]
+    assert "pair 2 efficientnet_lite1, fusion level-sum" in settings
 
 
 def test_save_load_gives_identical_maps_without_fetching_any_teacher(
@@ -211,3 +213,17 @@ def test_pair2_sends_no_gradient_into_pair1s_student() -> None:
         decoder = list(model.reconstruction.parameters())
         assert all(g is not None for g in torch.autograd.grad(second, decoder,
                                                               allow_unused=True))
+
+
+def test_second_teacher_from_a_weights_file(tmp_path: Path) -> None:
+    """ResNets come from a user's file (no offline ImageNet copy): pair 2 takes one."""
+    from anomap.backbones import create_classifier
+
+    torch.manual_seed(0)
+    path = tmp_path / "resnet18.pth"
+    torch.save(create_classifier("resnet18", weights=None).state_dict(), path)
+    model = tiny(second_backbone="resnet18", second_weights=str(path)).eval()
+    saved = torch.load(path, weights_only=True)
+    assert torch.equal(model.teacher2.state_dict()["conv1.weight"], saved["conv1.weight"])
+    maps = model.level_maps(torch.rand(1, 3, 64, 64))
+    assert len(maps) == 6 and all(m.shape == (1, 64, 64) for m in maps)

@@ -78,16 +78,35 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode an image file fully into 8-bit RGB, or raise ImageReadError naming it."""
+#: the most pixels an image may have before anomap refuses to decode it (Pillow's own
+#: warning limit): a few kilobytes of PNG can claim 40000 x 40000 pixels
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an image file fully into 8-bit RGB, or raise ImageReadError naming it.
+
+    The size in the header is checked before decoding: an image over ``max_pixels``
+    is refused with its size and the limit, so one oversized file never stops a run."""
     path = Path(path)
     try:
         with Image.open(path) as handle:
+            width, height = handle.size
+            if width * height > max_pixels:
+                raise ImageReadError(
+                    f"{path}: {width}x{height} is {width * height:,} pixels, over the limit "
+                    f"of {max_pixels:,}; raise it (max_pixels, --max-pixels) if the file "
+                    "is trusted")
             handle.load()
             image = ImageOps.exif_transpose(handle) or handle
             return _to_rgb(image)
     except FileNotFoundError as error:
         raise ImageReadError(f"{path}: file not found") from error
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as error:  # Pillow refuses it even to open
+        raise ImageReadError(f"{path}: refused, too many pixels to decode safely "
+                             f"({error})") from error
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise ImageReadError(f"{path}: cannot decode image ({error})") from error
 

@@ -27,7 +27,7 @@ from anomap.data import (
 )
 from anomap.export import InferenceModel
 from anomap.files import save_json, save_text
-from anomap.methods import AnomalyModel
+from anomap.methods import METHODS, AnomalyModel
 from anomap.run import Detector
 
 
@@ -169,6 +169,8 @@ def describe_settings(config: dict[str, Any]) -> str:
         parts.append(f"levels {levels}")
     if model.get("map_strides"):
         parts.append(f"map {'/'.join(map(str, model['map_strides']))}")
+    if config.get("method") in METHODS:
+        parts.extend(METHODS[config["method"]].describe_options(model))
     if model.get("image_score", "max") == "mean":
         parts.append("image score = map mean")
     elif model.get("score_window", 1) != 1:

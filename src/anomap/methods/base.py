@@ -127,6 +127,12 @@ class AnomalyModel(nn.Module):
                              f"GPU, cpu where there is one on a CPU); {choices}")
         return name
 
+    @classmethod
+    def describe_options(cls, config: dict[str, Any]) -> list[str]:
+        """Short phrases for reports and tables about options of this method alone
+        (the shared ones, backbone, levels, score, are described by the caller)."""
+        return []
+
     def write_training_samples(self, images: torch.Tensor, path: Any, n: int = 8) -> Any:
         """A picture of what the method trains on (methods with synthetic anomalies)."""
         raise ValueError(f"{self.name} trains on the normal images as they are: "

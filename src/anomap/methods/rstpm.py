@@ -208,6 +208,17 @@ class RSTPM(STPM):
                                         map_normalization=stpm.map_normalization,
                                         use="STPM's large-defects settings for both pairs")}
 
+    @classmethod
+    def describe_options(cls, config: dict[str, Any]) -> list[str]:
+        defaults = cls.default_config()
+        parts = [f"pair 2 {config.get('second_backbone', defaults['second_backbone'])}"]
+        if not config.get("attention", True):
+            parts.append("no attention")
+        if config.get("pair2_training", "normal") == "synthetic":
+            parts.append("pair 2 on synthetic anomalies")
+        parts.append(f"fusion {config.get('fusion', defaults['fusion'])}")
+        return parts
+
     def train(self, mode: bool = True) -> RSTPM:
         super().train(mode)
         self.teacher2.eval()
