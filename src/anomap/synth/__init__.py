@@ -13,6 +13,9 @@ channels) the texture is reduced to its luma: a colour anomaly on a grey part
 would teach "colour means defect", which no real grey defect shows.
 Everything is batched torch on the images' device; random draws come from
 torch's global RNG (seeded by the training loop) or an explicit ``generator``.
+
+FractalAD's anomalies (:mod:`anomap.synth.fractal`) are shaped by fractal masks
+from random iterated function systems instead.
 """
 
 from __future__ import annotations
