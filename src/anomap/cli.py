@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="RSTPM: pair 2's student rebuilds teacher 2's features of the "
                             "normal images (default) or of the clean image behind a "
                             "synthetic anomaly (see --anomaly-source)")
+    train.add_argument("--distillation", choices=["on", "off"],
+                       help="FractalAD: a student copies the teacher and the head reads where "
+                            "they disagree (default on); off: the head reads the teacher "
+                            "(the paper's setting for textures)")
+    train.add_argument("--anomalies", choices=["fractal", "perlin"],
+                       help="FractalAD: the synthetic anomalies it learns to segment: fractal "
+                            "patches of the image itself (default) or DRAEM's Perlin ones")
     train.add_argument("--decoder-width", type=int,
                        help="RSTPM: channels of the reconstructing student at stride 4, "
                             "doubled per level (default 32)")
@@ -222,9 +229,11 @@ def _print_metrics(result: dict[str, Any]) -> None:
                     for k in keys if k in result))
 
 
-def _rstpm_options(args: argparse.Namespace) -> dict[str, Any]:
-    """RSTPM's model options as given (None: not given)."""
-    return {"second_backbone": args.second_backbone, "second_weights": args.second_weights,
+def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    """RSTPM's and FractalAD's model options as given (None: not given)."""
+    return {"distillation": None if args.distillation is None else args.distillation == "on",
+            "anomalies": args.anomalies,
+            "second_backbone": args.second_backbone, "second_weights": args.second_weights,
             "attention": None if args.attention is None else args.attention == "on",
             "pair2_training": args.pair2_training, "decoder_width": args.decoder_width,
             "fusion": args.fusion}
@@ -248,7 +257,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                    "map_strides": args.map_strides,
                                    "score_window": args.score_window,
                                    "image_score": args.image_score,
-                                   **_rstpm_options(args)},
+                                   **_method_options(args)},
                      recipe_overrides=recipe, resize_mode=args.resize_mode, margin=args.margin,
                      defect_dir=args.defect_dir, mask_dir=args.mask_dir,
                      test_normal_dir=args.test_normal_dir, val_fraction=args.val_fraction,

@@ -27,7 +27,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from anomap.synth.augment import AUGMENTATIONS, luma, random_augment, random_rotate, rotate
+from anomap.synth.augment import (
+    AUGMENTATIONS,
+    is_grayscale,
+    luma,
+    random_augment,
+    random_rotate,
+    rotate,
+)
 from anomap.synth.perlin import perlin_mask, perlin_noise
 from anomap.synth.sources import (
     AnomalySource,
@@ -50,14 +57,6 @@ def blend(images: torch.Tensor, textures: torch.Tensor, masks: torch.Tensor,
     if b.dim() == 1:
         b = b[:, None, None, None]
     return images * (1 - masks) + (1 - b) * textures * masks + b * images * masks
-
-
-def is_grayscale(images: torch.Tensor, tolerance: float = 1.5 / 255) -> torch.Tensor:
-    """(B,) bool: the sample's channels are equal (a grey photo read as RGB)."""
-    if images.shape[1] == 1:
-        return torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
-    spread = images.amax(dim=1) - images.amin(dim=1)
-    return spread.flatten(1).amax(dim=1) <= tolerance
 
 
 def synthesize(images: torch.Tensor, source: AnomalySource, *, p_anomaly: float = 0.5,
@@ -139,10 +138,16 @@ def write_sample_grid(images: torch.Tensor, source: AnomalySource, path: str | P
     is (3 * W + 4 * pad) wide and (n * H + (n + 1) * pad) high, white gaps.
     """
     images = images[:n]
-    rows, _, h, w = images.shape
     options = {"p_anomaly": 1.0, **synth_options}
     with torch.no_grad():
         augmented, masks = synthesize(images, source, generator=generator, **options)
+    return save_sample_grid(images, augmented, masks, path, pad=pad)
+
+
+def save_sample_grid(images: torch.Tensor, augmented: torch.Tensor, masks: torch.Tensor,
+                     path: str | Path, *, pad: int = 2) -> Path:
+    """The PNG of :func:`write_sample_grid` for anomalies made any other way."""
+    rows, _, h, w = images.shape
     columns = [_to_uint8(images), _to_uint8(augmented), _to_uint8(masks)]
     canvas = np.full((rows * h + (rows + 1) * pad, 3 * w + 4 * pad, 3), 255, dtype=np.uint8)
     for r in range(rows):
@@ -160,5 +165,6 @@ __all__ = [
     "AUGMENTATIONS", "AnomalySource", "ImageSource", "LazyAnomalySource", "MixedSource",
     "ProceduralSource", "blend",
     "is_grayscale", "make_anomaly_source", "perlin_mask", "perlin_noise", "random_augment",
-    "random_rotate", "rotate", "skimage_source", "synthesize", "write_sample_grid",
+    "random_rotate", "rotate", "save_sample_grid", "skimage_source", "synthesize",
+    "write_sample_grid",
 ]

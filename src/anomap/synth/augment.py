@@ -80,6 +80,14 @@ def luma(x: torch.Tensor) -> torch.Tensor:
     return (x * weights[None, :, None, None]).sum(1, keepdim=True)
 
 
+def is_grayscale(images: torch.Tensor, tolerance: float = 1.5 / 255) -> torch.Tensor:
+    """(B,) bool: the sample's channels are equal (a grey photo read as RGB)."""
+    if images.shape[1] == 1:
+        return torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+    spread = images.amax(dim=1) - images.amin(dim=1)
+    return spread.flatten(1).amax(dim=1) <= tolerance
+
+
 def brightness(x: torch.Tensor, mul: torch.Tensor | float, add: torch.Tensor | float
                ) -> torch.Tensor:
     """Y -> Y * mul + add with chroma kept: in RGB every channel moves by the change of Y."""
@@ -128,6 +136,28 @@ def hue_saturation(x: torch.Tensor, hue_shift: torch.Tensor | float,
     h = (hsv[:, 0] + _per_sample(hue_shift, x, 2)) % 1.0
     s = (hsv[:, 1] + _per_sample(sat_shift, x, 2)).clamp(0, 1)
     return hsv_to_rgb(torch.stack((h, s, hsv[:, 2]), 1)).clamp(0, 1)
+
+
+def color_jitter(x: torch.Tensor, strength: float, generator: Generator = None, *,
+                 color: bool = True) -> torch.Tensor:
+    """torchvision's ColorJitter with one strength: brightness, contrast (about the
+    mean grey) and, with ``color``, saturation factors in [1 - strength, 1 + strength],
+    and a hue shift in [-strength, strength] turns (hue capped at half a turn),
+    drawn per sample and applied in that order."""
+    n = x.shape[0]
+
+    def factor() -> torch.Tensor:
+        return _per_sample(_uniform(n, max(0.0, 1 - strength), 1 + strength, generator), x)
+
+    x = (x * factor()).clamp(0, 1)
+    grey = luma(x).mean(dim=(2, 3), keepdim=True)
+    x = (grey + factor() * (x - grey)).clamp(0, 1)
+    if color:
+        y = luma(x)
+        x = (y + factor() * (x - y)).clamp(0, 1)
+        shift = min(strength, 0.5)
+        x = hue_saturation(x, _uniform(n, -shift, shift, generator), 0.0)
+    return x
 
 
 def solarize(x: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
@@ -289,7 +319,8 @@ def random_rotate(images: torch.Tensor, *, p: float = 0.3, max_angle: float = 90
 
 
 __all__ = [
-    "AUGMENTATIONS", "autocontrast", "brightness", "equalize", "gamma_contrast", "hsv_to_rgb",
+    "AUGMENTATIONS", "autocontrast", "brightness", "color_jitter", "equalize", "gamma_contrast",
+    "hsv_to_rgb", "is_grayscale",
     "hue_saturation", "invert", "luma", "posterize", "random_augment", "random_rotate",
     "rgb_to_hsv", "rotate", "sharpness", "solarize",
 ]

@@ -1,5 +1,6 @@
-"""Fractal masks from random iterated function systems (FractalAD's anomaly shapes).
+"""FractalAD's anomalies: a patch of the image itself, cut out by a fractal mask.
 
+Masks come from random iterated function systems.
 A system is a few random affine maps ``x -> A x + b``; each ``A = U diag(s) V``
 with U, V random rotations (with random sign flips) and singular values
 sampled so that the sum over maps of ``s1 + 2 s2`` equals ``a ~ U(3.5, 4.0)``
@@ -15,11 +16,24 @@ are rendered into a square binary mask fitted to their bounding box, each
 stamping the same random subset of its 3x3 neighbourhood (as the official
 code does; an empty subset is drawn again). Everything comes from one
 ``numpy.random.Generator``: the same seed gives the same mask.
+
+:func:`fractal_anomalies` pastes them as FractalAD does: a square patch cut
+from the same image, one random colour change, random flips, a rotation of
+15-75 degrees, multiplied by a fractal mask of its size and pasted somewhere
+else; the mask is then dilated (3x3, three times) and half of the samples get
+Gaussian noise inside it. Every sample gets an anomaly. On grey images the
+patch is turned back to grey after its colour change (as ``anomap.synth``
+does for DRAEM): a colour defect on a grey part would teach "colour means
+defect", which no real grey defect shows.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+
+from anomap.synth.augment import color_jitter, is_grayscale, luma, rotate
 
 #: FractalAD's systems: two maps, weighted singular-value sum in this range
 N_MAPS = 2
@@ -116,3 +130,86 @@ def render_mask(points: np.ndarray, size: int, rng: np.random.Generator) -> np.n
 def fractal_mask(size: int, rng: np.random.Generator, n_points: int = N_POINTS) -> np.ndarray:
     """One random fractal mask, (size, size) bool, as FractalAD draws them."""
     return render_mask(iterate(sample_system(rng), n_points, rng), size, rng)
+
+
+#: FractalAD's anomaly parameters (official code): patch side as a share of the
+#: image's shorter side, where corners may lie, rotation, noise
+PATCH_SIDE = (0.1, 0.5)
+CORNER_RANGE = (0.1, 0.9)
+ROTATION_DEGREES = (15.0, 75.0)
+NOISE_AMPLITUDE = 10 / 255
+DILATIONS = 3
+
+
+def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:
+    return low + (high - low) * float(torch.rand(1, generator=generator))
+
+
+def _recolour(patch: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One of FractalAD's three colour changes, picked at random: a small colour
+    jitter (0.2), a strong brightness and contrast jitter (1.0), or two random
+    channels (with repeats) scaled by U(0, 2)."""
+    choice = int(torch.randint(3, (1,), generator=generator))
+    if choice == 0:
+        return color_jitter(patch[None], 0.2, generator)[0]
+    if choice == 1:
+        return color_jitter(patch[None], 1.0, generator, color=False)[0]
+    patch = patch.clone()
+    for channel in torch.randint(3, (2,), generator=generator).tolist():
+        patch[channel] = (patch[channel] * 2 * float(torch.rand(1, generator=generator))
+                          ).clamp(0, 1)
+    return patch
+
+
+def _corner(length: int, side: int, generator: torch.Generator | None) -> int:
+    """A patch corner in [0.1, 0.9] of ``length`` less the patch ``side``."""
+    low, high = CORNER_RANGE[0] * length, CORNER_RANGE[1] * length - side
+    return int(_uniform(low, max(low, high), generator))
+
+
+def paste_fractal_anomaly(image: torch.Tensor, generator: torch.Generator | None = None,
+                          grey: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, H, W) in [0, 1] -> (the image with one anomaly, its (H, W) 0/1 mask before
+    dilation). The anomaly is never empty; ``grey``: the patch stays grey."""
+    _, height, width = image.shape
+    side = max(4, int(_uniform(*PATCH_SIDE, generator) * min(height, width)))
+    top, left = _corner(height, side, generator), _corner(width, side, generator)
+    patch = _recolour(image[:, top:top + side, left:left + side], generator)
+    if grey:
+        patch = luma(patch[None])[0].expand(3, -1, -1)
+    if float(torch.rand(1, generator=generator)) < 0.5:
+        patch = patch.flip(-1)
+    if float(torch.rand(1, generator=generator)) < 0.5:
+        patch = patch.flip(-2)
+    angle = _uniform(*ROTATION_DEGREES, generator)
+    turned = rotate(torch.cat((patch, torch.ones_like(patch[:1])))[None], angle,
+                    mode="nearest")[0]
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    shape = torch.from_numpy(fractal_mask(side, np.random.default_rng(seed))).to(image)
+    mask = turned[3] * shape
+    if not mask.any():  # the fractal fell where the turn cut the corners off: keep its shape
+        mask = shape
+    top, left = _corner(height, side, generator), _corner(width, side, generator)
+    out = image.clone()
+    region = out[:, top:top + side, left:left + side]
+    out[:, top:top + side, left:left + side] = region * (1 - mask) + turned[:3] * mask
+    full = torch.zeros(height, width, dtype=image.dtype, device=image.device)
+    full[top:top + side, left:left + side] = mask
+    return out, full
+
+
+def fractal_anomalies(images: torch.Tensor, generator: torch.Generator | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, H, W) in [0, 1] -> (images each with one anomaly, masks (B, 1, H, W) 0/1),
+    the masks dilated as FractalAD's targets are, noise in half of the samples."""
+    grey = is_grayscale(images).tolist()
+    pasted = [paste_fractal_anomaly(image, generator, g) for image, g in zip(images, grey,
+                                                                               strict=True)]
+    out = torch.stack([image for image, _ in pasted])
+    masks = torch.stack([mask for _, mask in pasted])[:, None]
+    for _ in range(DILATIONS):
+        masks = F.max_pool2d(masks, 3, stride=1, padding=1)
+    noisy = (torch.rand(len(images), generator=generator) < 0.5).to(images)
+    noise = torch.randn(len(images), 1, *images.shape[-2:], generator=generator).to(images)
+    out = (out + NOISE_AMPLITUDE * noise * masks * noisy[:, None, None, None]).clamp(0, 1)
+    return out, masks
