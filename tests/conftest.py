@@ -3,7 +3,9 @@ one STPM run trained on it, reused by the tests that need a trained model."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,10 +23,26 @@ def toy_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
                              tile_size=128, seed=1)
 
 
+def fit_toy(method: str, data: Path, run: Path, *, epochs: int, image_size: int,
+            **options: Any) -> Path:
+    """A short seeded training on the toy set (batch 8, stretched to a square)."""
+    fit(method, data, run, recipe_overrides={"epochs": epochs, "batch_size": 8,
+                                             "image_size": image_size},
+        resize_mode="stretch", device="cpu", seed=0, progress=False, **options)
+    return run
+
+
 @pytest.fixture(scope="session")
 def trained_run(toy_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("runs") / "stpm"
-    fit("stpm", toy_data, run, recipe_overrides={"epochs": 10, "batch_size": 8,
-                                                 "image_size": 128},
-        resize_mode="stretch", device="cpu", seed=0, progress=False)
-    return run
+    return fit_toy("stpm", toy_data, tmp_path_factory.mktemp("runs") / "stpm", epochs=10,
+                   image_size=128)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Small networks are too small to gain from threads, and a second thread on a
+    busy 2-core machine made a learning test 20x slower (spin-waiting)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +25,7 @@ from anomap.methods.draem import (
 from anomap.run import CONFIG_FILE, WEIGHTS_FILE, load_json
 from anomap.train import fit
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Widths of 8 at 32 px are too small to gain from threads, and a second thread
-    on a busy 2-core machine made the learning test 20x slower (spin-waiting)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**config: object) -> DRAEM:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fit_toy
 
 from anomap.evaluate import evaluate_run
 from anomap.methods import build_model
@@ -22,16 +22,8 @@ from anomap.methods.fractalad import (
 )
 from anomap.run import load_model
 from anomap.synth.fractal import fractal_anomalies, paste_fractal_anomaly
-from anomap.train import fit
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small tensors: a second thread only spin-waits on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**config: object) -> FractalAD:
@@ -131,12 +123,8 @@ def test_segmentation_loss_never_reaches_the_student() -> None:
 
 @pytest.fixture(scope="module")
 def fractalad_run(toy_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("runs") / "fractalad"
-    torch.set_num_threads(2)
-    fit("fractalad", toy_data, run, recipe_overrides={"epochs": 8, "batch_size": 8,
-                                                      "image_size": 64},
-        resize_mode="stretch", device="cpu", seed=0, progress=False)
-    return run
+    return fit_toy("fractalad", toy_data, tmp_path_factory.mktemp("runs") / "fractalad",
+                   epochs=8, image_size=64)
 
 
 def test_trained_fractalad_finds_the_toy_defects(fractalad_run: Path) -> None:
@@ -164,3 +152,12 @@ def test_training_samples_picture(tmp_path: Path) -> None:
     assert path.is_file()
     perlin = tiny(anomalies="perlin", anomaly_source="procedural")
     assert perlin.write_training_samples(torch.rand(2, 3, 32, 32), tmp_path / "p.png").is_file()
+
+
+def test_samples_command_draws_the_fractal_anomalies(toy_data: Path, tmp_path: Path) -> None:
+    from anomap.cli import main
+
+    out = tmp_path / "samples.png"
+    assert main(["samples", "--model", "fractalad", "--data", str(toy_data), "--out", str(out),
+                 "-n", "2", "--image-size", "64"]) == 0
+    assert out.is_file()

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import fit_toy
 
 from anomap import Detector
 from anomap.calibrate import retune
@@ -17,7 +18,6 @@ from anomap.methods import build_model, build_untrained
 from anomap.methods.rstpm import RSTPM, AttentionGate, fuse_maps
 from anomap.methods.stpm import normalized_distance
 from anomap.run import load_model
-from anomap.train import fit
 
 
 def tiny(**config: object) -> RSTPM:
@@ -29,11 +29,8 @@ def tiny(**config: object) -> RSTPM:
 
 @pytest.fixture(scope="module")
 def rstpm_run(toy_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("runs") / "rstpm"
-    fit("rstpm", toy_data, run, recipe_overrides={"epochs": 8, "batch_size": 8,
-                                                  "image_size": 128},
-        resize_mode="stretch", device="cpu", seed=0, progress=False)
-    return run
+    return fit_toy("rstpm", toy_data, tmp_path_factory.mktemp("runs") / "rstpm", epochs=8,
+                   image_size=128)
 
 
 def test_six_maps_at_input_size_and_teacher1_gives_the_decoder_its_stride_32() -> None:
