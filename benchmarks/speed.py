@@ -15,6 +15,7 @@ merged into the JSON file, one entry per spec.
 
     python benchmarks/speed.py            # stpm:efficientnet_lite0 stpm:resnet18
     python benchmarks/speed.py --models draem:cpu draem:paper
+    python benchmarks/speed.py --models rstpm:paper fractalad:paper --precisions fp32
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ def flops_per_image(model: torch.nn.Module, size: int, device: torch.device) -> 
     with counter, torch.inference_mode():
         model.anomaly_map(torch.rand(1, 3, size, size, device=device))
     return float(counter.get_total_flops())
+
+
+def method_name(spec: str) -> str:
+    return spec.partition(":")[0]
 
 
 def build(spec: str) -> tuple[AnomalyModel, Recipe]:
@@ -144,7 +149,14 @@ def measure(spec: str, paths: list[Path], geometry: Geometry, device: torch.devi
         entry["train_ms_per_image_uncached"] = round(uncached / batch * 1000, 1)
     entry.update(train_batch=batch, train_ms_per_image=round(seconds / batch * 1000, 1),
                  train_samples_per_second=round(batch / seconds, 3))
-    if "anomaly_source" in model.config:  # trained on synthetic anomalies
+    if hasattr(model, "synthetic_batch"):  # what one step spends making its anomalies
+        model.synthetic_batch(images)  # warm-up
+        calls, started = 10, time.perf_counter()
+        for _ in range(calls):
+            model.synthetic_batch(images)
+        entry["synthetic_batch_samples_per_second"] = round(
+            batch * calls / (time.perf_counter() - started), 1)
+    if "anomaly_source" in model.config and method_name(spec) == "draem":
         source = make_anomaly_source(model.config["anomaly_source"], size)
         synthesize(images, source)  # warm-up (the source decodes its photos once)
         for p in (0.5, 1.0):  # the work is random: average many batches, not the fastest

@@ -129,10 +129,11 @@ def fractalad_run(toy_data: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 def test_trained_fractalad_finds_the_toy_defects(fractalad_run: Path) -> None:
     result = evaluate_run(fractalad_run, device="cpu", panels=False, progress=False)
-    # measured (seed 0, 8 epochs at 64 px): image 0.993, pixel 0.773; the toy's scratches
-    # are a pixel or two wide at 64 px
+    # measured over training seeds 0-2 (8 epochs at 64 px, where the toy's scratches are a
+    # pixel or two wide): image 0.907-0.993, pixel 0.773-0.912, AUPRO 0.825-0.858
     assert result["image_auroc"] > 0.85, result
     assert result["pixel_auroc"] > 0.7, result
+    assert result["aupro"] > 0.75, result
     config = json.loads((fractalad_run / "config.json").read_text())
     assert config["model"]["image_score"] == "mean" and config["recipe"]["optimizer"] == "adamw"
 
