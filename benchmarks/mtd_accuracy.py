@@ -131,6 +131,9 @@ def main() -> None:
     parser.add_argument("--pair2-training", default=None, choices=PAIR2_TRAINING, help="RSTPM")
     parser.add_argument("--fusion", default=None, choices=FUSIONS, help="RSTPM")
     parser.add_argument("--decoder-width", type=int, default=None, help="RSTPM")
+    parser.add_argument("--distillation", default=None, choices=["on", "off"], help="FractalAD")
+    parser.add_argument("--anomalies", default=None, choices=["fractal", "perlin"],
+                        help="FractalAD")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--runs", type=Path, default=Path("/tmp/anomap_runs"))
@@ -154,7 +157,10 @@ def main() -> None:
                     "second_backbone": args.second_backbone,
                     "attention": None if args.attention is None else args.attention == "on",
                     "pair2_training": args.pair2_training,
-                    "decoder_width": args.decoder_width}  # None: the method's default
+                    "decoder_width": args.decoder_width,
+                    "distillation": None if args.distillation is None
+                    else args.distillation == "on",
+                    "anomalies": args.anomalies}  # None: the method's default
     if args.retune:  # no training: the given run's weights, read with the options above
         calibration = retune(args.retune, run, model_config, device=args.device,
                              map_normalization=args.map_normalization, progress=False)
