@@ -32,6 +32,17 @@ def fit_toy(method: str, data: Path, run: Path, *, epochs: int, image_size: int,
     return run
 
 
+def assert_finds_toy_defects(run: Path, *, image: float, pixel: float, aupro: float
+                             ) -> dict[str, Any]:
+    """``anomap test`` on the toy set: each metric above its bound (chance is 0.5)."""
+    from anomap.evaluate import evaluate_run
+
+    result = evaluate_run(run, device="cpu", panels=False, progress=False)
+    for key, bound in (("image_auroc", image), ("pixel_auroc", pixel), ("aupro", aupro)):
+        assert result[key] > bound, (key, result)
+    return result
+
+
 @pytest.fixture(scope="session")
 def trained_run(toy_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return fit_toy("stpm", toy_data, tmp_path_factory.mktemp("runs") / "stpm", epochs=10,
