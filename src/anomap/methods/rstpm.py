@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomap.backbones import create_backbone
-from anomap.methods.base import Preset, Recipe
+from anomap.methods.base import Preset
 from anomap.methods.stpm import STPM, normalized_distance
 from anomap.synth import LazyAnomalySource, synthesize, write_sample_grid
 
@@ -188,10 +188,6 @@ class RSTPM(STPM):
     def teacher_strides(cls, strides: tuple[int, ...]) -> tuple[int, ...]:
         """Teacher 1 also gives its deepest level, the decoder's input."""
         return tuple(sorted({*strides, DECODER_INPUT_STRIDE}))
-
-    @classmethod
-    def default_recipe(cls) -> Recipe:
-        return STPM.default_recipe()
 
     @classmethod
     def default_config(cls) -> dict[str, Any]:
