@@ -45,7 +45,7 @@ def test_predict_csv_to_file(trained_run: Path, toy_data: Path, tmp_path: Path) 
     for precision in ("fp32", "bf16"):
         code = main(["predict", "--run", str(trained_run), str(toy_data / "test" / "scratch"),
                      "--format", "csv", "--output", str(table), "--device", "cpu",
-                     "--precision", precision])
+                     "--precision", precision, "--overwrite"])
         assert code == 0
         rows = list(csv.DictReader(table.open()))
         assert len(rows) == 5 and {r["verdict"] for r in rows} <= {"pass", "fail"}

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from anomap import __version__
 
@@ -75,6 +71,21 @@ def _add_calibration_args(parser: argparse.ArgumentParser, retuning: bool) -> No
                              "(docs/mtd.md) (default: "
                              + ("the run's)" if retuning else "the preset's, none but for STPM's "
                                                 "large-defects; on --resume the run's)"))
+
+
+def _add_runtime_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runtime", default="auto",
+                        choices=["auto", "torch", "onnxruntime", "openvino"],
+                        help="torch for a run folder; onnxruntime or openvino for an export "
+                             "folder (default auto: what the folder is for)")
+
+
+def _add_max_pixels_arg(parser: argparse.ArgumentParser) -> None:
+    from anomap.data import DEFAULT_MAX_PIXELS
+
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="refuse images with more pixels than this, before decoding "
+                             f"(default {DEFAULT_MAX_PIXELS:,}, Pillow's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,17 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
                             "--lr-gamma also train a finished run on (see README)")
     train.add_argument("--test", action="store_true", help="run 'anomap test' afterwards")
     train.add_argument("--no-progress", action="store_true")
+    _add_max_pixels_arg(train)
 
     test = commands.add_parser("test", help="evaluate a run on a test set, write the report")
     test.add_argument("--run", required=True, type=Path)
     _add_data_args(test, required=False)
     test.add_argument("--out", type=Path, help="where to write results (default: the run)")
     test.add_argument("--device", default="auto")
+    _add_runtime_arg(test)
     test.add_argument("--batch-size", type=int, default=8,
                       help="images per forward pass (8: as fast as 32 on a CPU, less memory)")
     _add_precision_arg(test)
     test.add_argument("--no-panels", action="store_true", help="skip heat-map PNGs")
     test.add_argument("--no-progress", action="store_true")
+    _add_max_pixels_arg(test)
 
     retune = commands.add_parser(
         "retune", help="copy a trained run with other map/score options and a recalibrated "
@@ -190,16 +204,37 @@ def build_parser() -> argparse.ArgumentParser:
     retune.add_argument("--batch-size", type=int, default=8)
     retune.add_argument("--test", action="store_true", help="run 'anomap test' afterwards")
     retune.add_argument("--no-progress", action="store_true")
+    _add_max_pixels_arg(retune)
 
     predict = commands.add_parser("predict", help="score new images")
     predict.add_argument("--run", required=True, type=Path)
     predict.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
     predict.add_argument("--out", type=Path, help="folder for overlay and mask PNGs")
     predict.add_argument("--format", default="jsonl", choices=["jsonl", "csv"])
-    predict.add_argument("--output", type=Path, help="write the table here instead of stdout")
+    predict.add_argument("--output", type=Path,
+                         help="write the table here (row by row) instead of stdout")
+    predict.add_argument("--resume", action="store_true",
+                         help="continue an interrupted --output table: skip the images in it")
+    predict.add_argument("--overwrite", action="store_true",
+                         help="replace an existing --output table")
+    predict.add_argument("--quiet", action="store_true", help="no progress bar")
     predict.add_argument("--device", default="auto")
+    _add_runtime_arg(predict)
     predict.add_argument("--batch-size", type=int, default=8)
+    predict.add_argument("--workers", type=int, default=2,
+                         help="threads decoding photos while the network scores (default 2)")
     _add_precision_arg(predict)
+    _add_max_pixels_arg(predict)
+
+    export = commands.add_parser(
+        "export", help="write a run's network for ONNX Runtime or OpenVINO, checked against it")
+    export.add_argument("--run", required=True, type=Path)
+    export.add_argument("--out", required=True, type=Path, help="export folder to write")
+    export.add_argument("--format", default="onnx", choices=["onnx", "openvino"])
+    export.add_argument("--int8", action="store_true",
+                        help="quantise to int8, calibrated on the run's held-out normal images")
+    export.add_argument("--no-progress", action="store_true")
+    _add_max_pixels_arg(export)
 
     samples = commands.add_parser(
         "samples", help="write a PNG grid of the synthetic training samples a method sees")
@@ -284,6 +319,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     result = evaluate_run(args.run, args.data, out_dir=args.out, defect_dir=args.defect_dir,
                           mask_dir=args.mask_dir, test_normal_dir=args.test_normal_dir,
                           device=args.device, precision=args.precision,
+                          runtime=args.runtime,
                           batch_size=args.batch_size,
                           panels=not args.no_panels, progress=not args.no_progress)
     _print_metrics(result)
@@ -312,72 +348,47 @@ def cmd_retune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _expand_inputs(inputs: Sequence[Path]) -> list[Path]:
-    from anomap.data import IMAGE_EXTENSIONS
-
-    paths: list[Path] = []
-    for item in inputs:
-        if item.is_dir():
-            paths += sorted(p for p in item.rglob("*")
-                            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        else:
-            paths.append(item)
-    return paths
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
-    from anomap import report
-    from anomap.data import ImageReadError, load_image
-    from anomap.evaluate import write_predictions_csv
+    from anomap.inspection import inspect_folder
     from anomap.run import Detector
 
-    detector = Detector.load(args.run, args.device, args.precision)
-    vmin, vmax = detector.display_range
-    rows: list[dict[str, Any]] = []
-    failures = 0
-    paths = _expand_inputs(args.inputs)
-    if not paths:
-        raise FileNotFoundError(f"no images found in {', '.join(map(str, args.inputs))}")
-    started = time.perf_counter()
-    for start in range(0, len(paths), args.batch_size):
-        photos, kept = [], []
-        for path in paths[start:start + args.batch_size]:
-            try:
-                photos.append(load_image(path))
-                kept.append(path)
-            except ImageReadError as error:
-                failures += 1
-                print(f"anomap: skipped {error}", file=sys.stderr)
-                rows.append({"path": str(path), "score": None, "verdict": "error",
-                             "error": str(error)})
-        for path, photo, pred in zip(kept, photos, detector.predict(photos), strict=True):
-            row: dict[str, Any] = {"path": str(path), "score": pred.score,
-                                   "verdict": pred.verdict, "threshold": pred.threshold,
-                                   "pixel_threshold": pred.pixel_threshold}
-            if args.out:
-                picture = report.overlay(np.asarray(photo), pred.anomaly_map, vmin, vmax,
-                                         pred_mask=pred.mask)
-                overlay_path = args.out / f"{path.stem}_overlay.png"
-                row["overlay"] = str(report.save_png(picture, overlay_path))
-                row["mask"] = str(report.save_png(pred.mask.astype(np.uint8) * 255,
-                                                  args.out / f"{path.stem}_mask.png"))
-            rows.append(row)
-    if args.format == "csv":
-        text = write_predictions_csv(rows, columns=("path", "score", "verdict", "threshold",
-                                                    "pixel_threshold", "overlay", "mask",
-                                                    "error"))
-    else:
-        text = "".join(json.dumps(row) + "\n" for row in rows)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text)
-    else:
-        sys.stdout.write(text)
-    seconds = time.perf_counter() - started
-    n_fail = sum(row["verdict"] == "fail" for row in rows)
-    print(f"anomap: {len(rows) - failures} images scored ({n_fail} fail), {failures} unreadable, "
-          f"{seconds:.1f} s", file=sys.stderr)
-    return 1 if failures and failures == len(rows) else 0
+    detector = Detector.load(args.run, args.device, args.precision, args.runtime)
+    try:
+        summary = inspect_folder(detector, args.inputs, args.output, fmt=args.format,
+                                 resume=args.resume, overwrite=args.overwrite,
+                                 pictures=args.out, batch_size=args.batch_size,
+                                 workers=args.workers, stream=sys.stdout,
+                                 progress=not args.quiet and sys.stderr.isatty(),
+                                 on_error=lambda error: print(f"anomap: skipped {error}",
+                                                              file=sys.stderr))
+    except KeyboardInterrupt:
+        if args.output:
+            print(f"\ninterrupted: the rows scored so far are in {args.output}. Continue "
+                  f"with the same command and --resume", file=sys.stderr)
+        return 130
+    for path, reason in summary.ignored_files[:20]:
+        print(f"anomap: ignored {path}: {reason}", file=sys.stderr)
+    if len(summary.ignored_files) > 20:
+        print(f"anomap: ... and {len(summary.ignored_files) - 20} more ignored"
+              + (f" (listed in {args.output}.summary.json)" if args.output else ""),
+              file=sys.stderr)
+    print(f"anomap: {summary.describe()}", file=sys.stderr)
+    return 1 if summary.failed and not (summary.scored or summary.already_done) else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from anomap.runtimes import export_run
+
+    record = export_run(args.run, args.out, args.format, args.int8,
+                        progress=not args.no_progress)
+    agreement = record["agreement"]
+    print(f"exported: {args.out}  {args.format}{' int8' if args.int8 else ''}  on "
+          f"{agreement['n_images']} held-out normals: maps within "
+          f"{agreement['max_relative_map_difference']:.1e} of their range, "
+          f"{agreement['verdicts_differ']} verdicts differ")
+    print(f"use it: anomap predict --run {args.out} IMAGES   (thresholds: "
+          f"{args.out / 'calibration.json'})")
+    return 0
 
 
 def cmd_samples(args: argparse.Namespace) -> int:
@@ -422,7 +433,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="anomap: %(levelname)s: %(message)s")
     handler = {"train": cmd_train, "test": cmd_test, "retune": cmd_retune,
-               "predict": cmd_predict, "samples": cmd_samples, "demo": cmd_demo}[args.command]
+               "predict": cmd_predict, "export": cmd_export, "samples": cmd_samples,
+               "demo": cmd_demo}[args.command]
+    if getattr(args, "max_pixels", None) is not None:
+        from anomap.data import set_max_pixels
+
+        set_max_pixels(args.max_pixels)
     try:
         return handler(args)
     except EXPECTED_ERRORS as error:

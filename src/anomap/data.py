@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,12 @@ class DataError(ValueError):
 
 
 class ImageReadError(DataError):
-    """One image file that cannot be decoded."""
+    """One image file that cannot be decoded; ``reason`` is a short category
+    (``not found``, ``over pixel limit``, ``cannot decode``) for summaries."""
+
+    def __init__(self, message: str, reason: str = "cannot decode") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -81,33 +87,57 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 #: the most pixels an image may have before anomap refuses to decode it (Pillow's own
 #: warning limit): a few kilobytes of PNG can claim 40000 x 40000 pixels
 DEFAULT_MAX_PIXELS = 89_478_485
+_max_pixels = DEFAULT_MAX_PIXELS
 
 
-def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def set_max_pixels(limit: int) -> None:
+    """Change the pixel limit of every reader in this process (train, test, predict,
+    the service), as ``--max-pixels`` does; Pillow's own bomb check follows it."""
+    global _max_pixels
+    if limit < 1:
+        raise ValueError(f"--max-pixels must be positive, got {limit}")
+    _max_pixels = int(limit)
+    Image.MAX_IMAGE_PIXELS = max(int(limit), DEFAULT_MAX_PIXELS)
+
+
+def max_pixels() -> int:
+    return _max_pixels
+
+
+def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
     """Decode an image file fully into 8-bit RGB, or raise ImageReadError naming it.
 
     The size in the header is checked before decoding: an image over ``max_pixels``
-    is refused with its size and the limit, so one oversized file never stops a run."""
+    (default: the process's limit, :func:`set_max_pixels`) is refused with its size
+    and the limit, so one oversized file never stops a run."""
     path = Path(path)
+    limit = _max_pixels if max_pixels is None else max_pixels
     try:
-        with Image.open(path) as handle:
+        if path.is_dir():
+            raise ImageReadError(f"{path}: a folder, not an image file", "not a file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            handle = Image.open(path)
+        with handle:
             width, height = handle.size
-            if width * height > max_pixels:
+            if width * height > limit:
                 raise ImageReadError(
                     f"{path}: {width}x{height} is {width * height:,} pixels, over the limit "
-                    f"of {max_pixels:,}; raise it (max_pixels, --max-pixels) if the file "
-                    "is trusted")
+                    f"of {limit:,}; raise it (max_pixels, --max-pixels) if the file "
+                    "is trusted", "over pixel limit")
             handle.load()
             image = ImageOps.exif_transpose(handle) or handle
             return _to_rgb(image)
     except FileNotFoundError as error:
-        raise ImageReadError(f"{path}: file not found") from error
+        reason = "dangling link" if path.is_symlink() else "not found"
+        raise ImageReadError(f"{path}: {reason}", reason) from error
     except ImageReadError:
         raise
     except Image.DecompressionBombError as error:  # Pillow refuses it even to open
         raise ImageReadError(f"{path}: refused, too many pixels to decode safely "
-                             f"({error})") from error
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+                             f"({error}); raise --max-pixels if the file is trusted",
+                             "over pixel limit") from error
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as error:
         raise ImageReadError(f"{path}: cannot decode image ({error})") from error
 
 

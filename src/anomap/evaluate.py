@@ -65,11 +65,13 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, *,
                  out_dir: str | Path | None = None, defect_dir: str | Path | None = None,
                  mask_dir: str | Path | None = None, test_normal_dir: str | Path | None = None,
                  device: str = "auto", precision: str = "fp32", batch_size: int = 8,
-                 panels: bool = True, progress: bool = True) -> dict[str, Any]:
+                 panels: bool = True, progress: bool = True, runtime: str = "auto"
+                 ) -> dict[str, Any]:
     """``anomap test``: score the test split, write metrics.json, predictions.csv,
-    panels/ and report.html into ``out_dir`` (default: the run folder)."""
+    panels/ and report.html into ``out_dir`` (default: the run folder). ``run_dir``
+    may be an export folder (``anomap export``), scored by ``runtime``."""
     run_dir = Path(run_dir)
-    detector = Detector.load(run_dir, device, precision)
+    detector = Detector.load(run_dir, device, precision, runtime)
     config = detector.config
     data_cfg = config.get("data", {})
     spec = discover(data or data_cfg["root"],
@@ -115,7 +117,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, *,
         n_skipped=len(loaded.skipped), skipped=loaded.skipped, seconds=round(seconds, 3),
         images_per_second=round(len(loaded) / seconds, 3),
         model_images_per_second=round(len(loaded) / model_seconds, 3),
-        precision=detector.precision, batch_size=batch_size,
+        precision=detector.precision, runtime=detector.runtime, batch_size=batch_size,
         method=config.get("method"), backbone=config.get("model", {}).get("backbone"),
         settings=describe_settings(config),
         data=str(spec.root), **report.confusion_at(labels, scores, threshold))

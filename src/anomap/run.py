@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from anomap.data import Geometry, load_image, to_pil
+from anomap.data import Box, Geometry, load_image, to_pil
 from anomap.export import InferenceModel, resolve_precision
 from anomap.methods import AnomalyModel, build_untrained
 from anomap.standardize import PositionStats
@@ -128,6 +128,15 @@ def resize_map(amap: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return resized[0, 0].cpu().numpy()
 
 
+@dataclass(frozen=True)
+class PreparedImage:
+    """A photo made into the network's input, with what maps its map back."""
+
+    array: np.ndarray  # (S, S, 3) uint8
+    box: Box
+    size: tuple[int, int]  # the photo's (height, width)
+
+
 @dataclass
 class Prediction:
     """What anomap says about one image."""
@@ -157,12 +166,15 @@ class Detector:
     maps into standard deviations from the normal map at each position.
     """
 
-    def __init__(self, model: AnomalyModel, geometry: Geometry, threshold: float,
+    def __init__(self, model: AnomalyModel | Any, geometry: Geometry, threshold: float,
                  display_range: tuple[float, float], config: dict[str, Any] | None = None,
                  precision: str = "fp32", standardize: PositionStats | None = None,
                  pixel_threshold: float | None = None) -> None:
-        device = next(model.parameters()).device
-        self.model = InferenceModel(model, resolve_precision(precision, device))
+        if isinstance(model, torch.nn.Module):
+            device = next(model.parameters()).device
+            self.model = InferenceModel(model, resolve_precision(precision, device))
+        else:  # an exported network (anomap.runtimes): maps and scores, nothing else
+            self.model = model
         self.geometry = geometry
         self.standardize = standardize
         self.threshold = float(threshold)
@@ -173,22 +185,39 @@ class Detector:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return getattr(self.model, "device", None) or next(self.model.parameters()).device
 
     @property
     def precision(self) -> str:
-        """``fp32`` or ``bf16``: what ``auto`` resolved to on this machine."""
+        """``fp32``, ``bf16`` (what ``auto`` resolved to) or ``int8`` (an int8 export)."""
         return self.model.precision
 
+    @property
+    def runtime(self) -> str:
+        return getattr(self.model, "runtime", "torch")
+
     @classmethod
-    def load(cls, run_dir: str | Path, device: str | torch.device = "auto",
-             precision: str = "fp32") -> Detector:
-        run_dir = Path(run_dir)
-        model, config = load_model(run_dir, device)
-        calibration = load_json(run_dir / CALIBRATION_FILE)
-        return cls(model, geometry_from_config(config), calibration["threshold"],
+    def load(cls, path: str | Path, device: str | torch.device = "auto",
+             precision: str = "fp32", runtime: str = "auto") -> Detector:
+        """A run folder (runtime ``torch``) or an export folder from ``anomap export``
+        (``onnxruntime`` or ``openvino``; ``auto``: the one its format is for)."""
+        from anomap.runtimes import RUNTIMES, is_export, load_network
+
+        path = Path(path)
+        if runtime not in ("auto", *RUNTIMES):
+            raise ValueError(f"runtime {runtime!r}: choose auto or one of {', '.join(RUNTIMES)}")
+        config = load_json(path / CONFIG_FILE)
+        if is_export(path):
+            network: Any = load_network(path, runtime, config["model"])
+        elif runtime in ("auto", "torch"):
+            network, config = load_model(path, device, config=config)
+        else:
+            raise RunError(f"{path} is a run: runtime {runtime} reads an export of it; make "
+                           f"one with 'anomap export --run {path} --out DIR'")
+        calibration = load_json(path / CALIBRATION_FILE)
+        return cls(network, geometry_from_config(config), calibration["threshold"],
                    tuple(calibration["display_range"]), config, precision,
-                   load_position_stats(run_dir, config), calibration.get("pixel_threshold"))
+                   load_position_stats(path, config), calibration.get("pixel_threshold"))
 
     def _standardized(self, maps: torch.Tensor) -> torch.Tensor:
         return maps if self.standardize is None else self.standardize(maps)
@@ -207,10 +236,40 @@ class Detector:
         maps = self._standardized(self.model.anomaly_map(images.to(self.device)))
         return maps.cpu(), self.model.image_score(maps).cpu()
 
+    def prepare(self, photo: Image.Image) -> PreparedImage:
+        """A decoded RGB photo -> the network's input and what maps it back.
+
+        Cheap and thread-safe, so a pool of decode workers can run it beside the
+        network (:mod:`anomap.inspection`)."""
+        array, box = self.geometry.apply(photo)
+        return PreparedImage(array, box, (photo.height, photo.width))
+
     @torch.no_grad()
+    def predict_prepared(self, prepared: Sequence[PreparedImage],
+                         paths: Sequence[str | None] | None = None) -> list[Prediction]:
+        """One forward pass over already prepared images (one batch)."""
+        if not prepared:
+            return []
+        tensor = torch.from_numpy(np.stack([p.array for p in prepared])).permute(0, 3, 1, 2)
+        maps = self.model.anomaly_map(tensor.float().div(255.0).to(self.device))
+        frame_maps = self._standardized(self.geometry.restore(maps, [p.box for p in prepared]))
+        scores = self.model.image_score(frame_maps).cpu().tolist()
+        paths = list(paths) if paths is not None else [None] * len(prepared)
+        results = []
+        for item, amap, score, path in zip(prepared, frame_maps, scores, paths, strict=True):
+            array = resize_map(amap, item.size)
+            results.append(Prediction(
+                score=score, verdict="fail" if score >= self.threshold else "pass",
+                anomaly_map=array, mask=array >= self.pixel_threshold,
+                threshold=self.threshold, pixel_threshold=self.pixel_threshold, path=path))
+        return results
+
     def predict(self, images: ImageLike | Sequence[ImageLike] | torch.Tensor,
                 batch_size: int = 8) -> list[Prediction]:
-        """Score images of any size and mode; maps come back at each photo's size."""
+        """Score images of any size and mode; maps come back at each photo's size.
+
+        For a folder of files, :func:`anomap.inspection.inspect` streams results,
+        decodes in parallel and survives bad files."""
         if isinstance(images, torch.Tensor):
             batch = images if images.dim() == 4 else images[None]
             items: list[ImageLike] = [img.permute(1, 2, 0).cpu().numpy() for img in batch]
@@ -221,20 +280,10 @@ class Detector:
         results: list[Prediction] = []
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            photos = [load_image(x) if isinstance(x, str | Path) else to_pil(x) for x in chunk]
-            prepared = [self.geometry.apply(photo) for photo in photos]
-            tensor = torch.from_numpy(np.stack([a for a, _ in prepared])).permute(0, 3, 1, 2)
-            maps = self.model.anomaly_map(tensor.float().div(255.0).to(self.device))
-            frame_maps = self._standardized(
-                self.geometry.restore(maps, [box for _, box in prepared]))
-            scores = self.model.image_score(frame_maps).cpu().tolist()
-            for photo, amap, score, item in zip(photos, frame_maps, scores, chunk, strict=True):
-                array = resize_map(amap, (photo.height, photo.width))
-                results.append(Prediction(
-                    score=score, verdict="fail" if score >= self.threshold else "pass",
-                    anomaly_map=array, mask=array >= self.pixel_threshold,
-                    threshold=self.threshold, pixel_threshold=self.pixel_threshold,
-                    path=str(item) if isinstance(item, str | Path) else None))
+            prepared = [self.prepare(load_image(x) if isinstance(x, str | Path) else to_pil(x))
+                        for x in chunk]
+            results += self.predict_prepared(
+                prepared, [str(x) if isinstance(x, str | Path) else None for x in chunk])
         return results
 
     __call__ = predict

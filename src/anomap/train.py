@@ -14,6 +14,7 @@ held-out normals.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import random
 import sys
@@ -33,7 +34,7 @@ from anomap.calibrate import NO_SPLIT_SOURCE, Calibration, normal_split
 from anomap.data import Geometry, LoadedSet, load_set, to_float
 from anomap.evaluate import infer
 from anomap.export import InferenceModel
-from anomap.files import save_json, save_torch
+from anomap.files import save_json, save_text, save_torch
 from anomap.methods import AnomalyModel, Recipe, build_model, get_method
 from anomap.metrics import image_auroc, pixel_auroc
 from anomap.orientation import random_orientations
@@ -446,8 +447,8 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
         improved = not (criterion >= best_val)
         if improved:
             best_val = criterion if criterion == criterion else best_val
-            save_torch({"model": model.state_dict(), "epoch": epoch + 1, "val_score": val_score,
-                        **judged}, run_dir / WEIGHTS_FILE)
+            _save_checkpoint({"model": model.state_dict(), "epoch": epoch + 1,
+                              "val_score": val_score, **judged}, run_dir / WEIGHTS_FILE)
             if calibration is not None and val_set is not None:
                 calibration.write(maps, scores, epoch + 1)
         history.append({"epoch": epoch + 1, "loss": total / max(seen, 1),
@@ -456,17 +457,37 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
                         "seconds": round(time.perf_counter() - started, 3),
                         "train_images_per_second": round(seen / train_seconds, 3),
                         "best": improved})
-        save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                    "epoch": epoch + 1, "best_val": best_val, "history": history}, state_path)
+        _save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                          "epoch": epoch + 1, "best_val": best_val, "history": history},
+                         state_path, epoch)
         _write_history(history, run_dir / HISTORY_FILE)
         epochs.set_postfix(loss=f"{history[-1]['loss']:.4f}", val=f"{val_score:.4g}",
                            best=f"{best_val:.4g}")
     return history
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (a full disk, say); the previous one is intact."""
+
+
+def _save_checkpoint(state: dict[str, Any], path: Path, epochs_before: int | None = None
+                     ) -> None:
+    """Write atomically; on failure say what survived and how to continue."""
+    try:
+        save_torch(state, path)
+    except OSError as error:
+        after = f" (after epoch {epochs_before})" if epochs_before is not None else ""
+        kept = (f"the previous {path.name}{after} is intact" if path.exists()
+                else f"no {path.name} was written")
+        raise CheckpointError(
+            f"could not write {path} ({error.strerror or error}); {kept}. Free the space "
+            f"and continue with: anomap train --out {path.parent} --resume") from error
+
+
 def _write_history(history: list[dict[str, Any]], path: Path) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(history[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    save_text(buffer.getvalue(), path)

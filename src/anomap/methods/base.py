@@ -21,6 +21,24 @@ SELECTION_RULES = ("val_score", "last", "synthetic")
 IMAGE_SCORES = ("max", "mean")
 
 
+def score_maps(maps: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
+    """(B, H, W) maps in the photo's frame -> (B,) image scores, by a method's config.
+
+    ``image_score="max"``: the max of the map after a ``score_window`` x
+    ``score_window`` mean filter (1 = the plain max); a window makes one hot
+    pixel count less than a hot region. ``"mean"``: the mean of the whole
+    map, which adds up weak evidence spread over a large area; it suits maps
+    read in units of normal variation (``--map-normalization position``),
+    where a normal position averages zero wherever it is. A function of the
+    config alone, so an exported network is scored exactly as its run."""
+    if config.get("image_score", "max") == "mean":
+        return maps.flatten(1).mean(dim=1)
+    window = config.get("score_window", 1)
+    if window > 1:
+        maps = F.avg_pool2d(maps[:, None], window, stride=1, padding=window // 2)
+    return maps.flatten(1).amax(dim=1)
+
+
 @dataclass
 class Recipe:
     """How a method is trained by default; every field can be overridden."""
@@ -157,20 +175,8 @@ class AnomalyModel(nn.Module):
         raise NotImplementedError
 
     def image_score(self, maps: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) maps in the photo's frame -> (B,) image scores.
-
-        ``image_score="max"``: the max of the map after a ``score_window`` x
-        ``score_window`` mean filter (1 = the plain max); a window makes one hot
-        pixel count less than a hot region. ``"mean"``: the mean of the whole
-        map, which adds up weak evidence spread over a large area; it suits maps
-        read in units of normal variation (``--map-normalization position``),
-        where a normal position averages zero wherever it is."""
-        if self.config["image_score"] == "mean":
-            return maps.flatten(1).mean(dim=1)
-        window = self.config.get("score_window", 1)
-        if window > 1:
-            maps = F.avg_pool2d(maps[:, None], window, stride=1, padding=window // 2)
-        return maps.flatten(1).amax(dim=1)
+        """(B, H, W) maps in the photo's frame -> (B,) image scores (:func:`score_maps`)."""
+        return score_maps(maps, self.config)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

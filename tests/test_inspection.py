@@ -1,0 +1,239 @@
+"""Inspecting a production folder: every file accounted for, rows streamed,
+interrupted runs resumed (killed for real), pictures never overwriting each other."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anomap.cli import main
+from anomap.inspection import find_images
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _png_claiming(path: Path, width: int, height: int) -> None:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb)."""
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+
+
+def make_corpus(folder: Path, photo: Image.Image) -> dict[str, str]:
+    """Every common mode, format, size and kind of broken file, made now.
+
+    Returns each entry's path relative to ``folder`` -> what must happen to it:
+    ``scored``, ``error`` (a row with a reason) or ``ignored`` (named, with a reason)."""
+    folder.mkdir(parents=True)
+    expected: dict[str, str] = {}
+
+    def save(name: str, image: Image.Image, **options: object) -> None:
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path, **options)
+        expected[name] = "scored"
+
+    def raw(name: str, data: bytes, outcome: str = "error") -> None:
+        (folder / name).write_bytes(data)
+        expected[name] = outcome
+
+    rgb = photo.convert("RGB")
+    save("mode_1.png", rgb.convert("1"))
+    save("mode_L.png", rgb.convert("L"))
+    save("mode_I16.png", Image.fromarray(np.asarray(rgb.convert("L"), np.uint16) * 257))
+    save("float.tiff", Image.fromarray(np.asarray(rgb.convert("L"), np.float32) / 255.0))
+    save("palette.png", rgb.convert("P"))
+    save("rgba.png", rgb.convert("RGBA"))
+    save("la.png", rgb.convert("LA"))
+    save("cmyk.jpg", rgb.convert("CMYK"))
+    save("progressive.jpg", rgb, progressive=True)
+    save("photo.webp", rgb)
+    save("photo.bmp", rgb)
+    save("frames.tiff", rgb, save_all=True, append_images=[rgb.rotate(90)])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera was turned; the photo is 64 x 128 upright
+    save("exif_rotated.jpg", rgb.resize((128, 64)), exif=exif)
+    save("tiny_1x1.png", rgb.resize((1, 1)))
+    save("thin_3x4000.png", rgb.resize((3, 4000)))
+    save("large_6000x6000.png", Image.new("RGB", (6000, 6000), (120, 90, 60)))
+    save("with space and unicodé ü.png", rgb)
+    save("folder.png/inside.png", rgb)  # a folder with an image's name is searched
+    raw("empty.png", b"")
+    valid = (folder / "photo.bmp").read_bytes()
+    raw("truncated.bmp", valid[: len(valid) // 2])
+    raw("text.png", b"this is not an image\n")
+    raw("page.jpg", b"<!doctype html><html><body>404</body></html>")
+    raw("random.tif", np.random.default_rng(0).bytes(5000))
+    _png_claiming(folder / "bomb.png", 40000, 40000)
+    expected["bomb.png"] = "error"
+    os.symlink(folder / "missing.png", folder / "dangling.png")
+    expected["dangling.png"] = "error"
+    rgb.save(folder / "animation.gif")
+    expected["animation.gif"] = "ignored"
+    raw("notes.txt", b"line A camera 3\n", "ignored")
+    raw(".hidden.png", valid, "ignored")
+    os.symlink(folder / "folder.png", folder / "linked_folder")
+    expected["linked_folder"] = "ignored"
+    return expected
+
+
+def _predict(*args: str) -> int:
+    return main(["predict", "--device", "cpu", "--quiet", *args])
+
+
+def test_a_hostile_folder_is_scored_or_explained_file_by_file(
+        trained_run: Path, toy_data: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    corpus = tmp_path / "corpus"
+    expected = make_corpus(corpus, Image.open(toy_data / "test" / "good" / "000.png"))
+    table = tmp_path / "rows.jsonl"
+    code = _predict("--run", str(trained_run), str(corpus), "--output", str(table),
+                    "--out", str(tmp_path / "pictures"))
+    err = capsys.readouterr().err
+    assert code == 0 and "Traceback" not in err
+    rows = {str(Path(r["path"]).relative_to(corpus)): r
+            for r in map(json.loads, table.read_text().splitlines())}
+    summary = json.loads((tmp_path / "rows.jsonl.summary.json").read_text())
+    ignored = {str(Path(i["path"]).relative_to(corpus)): i["reason"]
+               for i in summary["ignored_files"]}
+    # nothing silently dropped: every entry is a row or a named, explained omission
+    assert set(rows) | set(ignored) == set(expected)
+    assert not set(rows) & set(ignored)
+    for name, outcome in expected.items():
+        if outcome == "ignored":
+            assert name in ignored, name
+            continue
+        row = rows[name]
+        if outcome == "scored":
+            assert row["verdict"] in ("pass", "fail") and np.isfinite(row["score"]), name
+        else:
+            assert row["verdict"] == "error" and name in row["error"], name
+            assert name in err  # said on stderr as it happened, too
+            assert "\n" not in row["error"]  # one line
+    assert "over the limit" in rows["bomb.png"]["error"] or "refused" in rows["bomb.png"]["error"]
+    assert "dangling link" in rows["dangling.png"]["error"]
+    assert summary["scored"] == sum(v == "scored" for v in expected.values())
+    assert summary["unreadable"]["over pixel limit"] == 1
+    # EXIF orientation applied: the upright photo is 64 wide and 128 tall
+    assert Image.open(rows["exif_rotated.jpg"]["overlay"]).size == (64, 128)
+    assert Image.open(rows["thin_3x4000.png"]["overlay"]).size == (3, 4000)
+
+
+def test_the_pixel_limit_is_a_flag_and_names_file_size_and_limit(
+        trained_run: Path, toy_data: Path, capsys: pytest.CaptureFixture) -> None:
+    image = toy_data / "test" / "good" / "000.png"
+    try:
+        assert _predict("--run", str(trained_run), str(image), "--max-pixels", "1000") == 1
+        row = json.loads(capsys.readouterr().out)
+        assert row["verdict"] == "error"
+        assert "000.png: 128x128 is 16,384 pixels, over the limit of 1,000" in row["error"]
+        assert "--max-pixels" in row["error"]
+    finally:
+        from anomap.data import DEFAULT_MAX_PIXELS, set_max_pixels
+        set_max_pixels(DEFAULT_MAX_PIXELS)
+
+
+def test_pictures_mirror_the_inputs_paths_so_none_overwrites_another(
+        trained_run: Path, toy_data: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    hole, good = toy_data / "test" / "hole" / "000.png", toy_data / "test" / "good" / "000.png"
+    for line, source in (("lineA", hole), ("lineB", good)):
+        (tmp_path / "in" / line).mkdir(parents=True)
+        shutil.copy(source, tmp_path / "in" / line / "001.png")
+    Image.open(good).convert("RGB").save(tmp_path / "in" / "lineA" / "001.jpg")
+    out = tmp_path / "pictures"
+    assert _predict("--run", str(trained_run), str(tmp_path / "in"), "--out", str(out)) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    overlays = {row["overlay"] for row in rows}
+    assert len(rows) == 3 and len(overlays) == 3
+    assert {str(Path(p).relative_to(out)) for p in overlays} == {
+        "lineA/001.png.overlay.png", "lineA/001.jpg.overlay.png", "lineB/001.png.overlay.png"}
+    by_line = {Path(r["path"]).parent.name + Path(r["path"]).suffix: r for r in rows}
+    assert by_line["lineA.png"]["score"] > by_line["lineB.png"]["score"]  # hole vs good
+
+
+def test_an_existing_table_is_never_overwritten_unasked(
+        trained_run: Path, toy_data: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    table = tmp_path / "rows.csv"
+    table.write_text("precious\n")
+    assert _predict("--run", str(trained_run), str(toy_data / "test" / "good"),
+                    "--output", str(table), "--format", "csv") == 2
+    assert "--resume" in capsys.readouterr().err and table.read_text() == "precious\n"
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "anomap", "predict", "--device", "cpu", "--quiet",
+            "--batch-size", "1", *args]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_a_killed_predict_resumes_to_the_uninterrupted_table(
+        trained_run: Path, toy_data: Path, tmp_path: Path, fmt: str) -> None:
+    folder = tmp_path / "inbox"
+    sources = sorted((toy_data / "test").rglob("*.png"))
+    for copy in range(4):
+        (folder / f"batch{copy}").mkdir(parents=True)
+        for source in sources:
+            shutil.copy(source, folder / f"batch{copy}" / f"{source.parent.name}_{source.name}")
+    (folder / "batch3" / "broken.png").write_bytes(b"broken")
+    total = 4 * len(sources) + 1
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    whole = tmp_path / f"whole.{fmt}"
+    subprocess.run(_cli("--run", str(trained_run), str(folder), "--output", str(whole),
+                        "--format", fmt), check=True, env=env, capture_output=True)
+    parts = tmp_path / f"parts.{fmt}"
+    process = subprocess.Popen(_cli("--run", str(trained_run), str(folder), "--output",
+                                    str(parts), "--format", fmt), env=env,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if parts.exists() and parts.read_bytes().count(b"\n") >= 12:
+            break
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    written = parts.read_bytes().count(b"\n")
+    assert 12 <= written < total  # killed mid-run, not after
+    subprocess.run(_cli("--run", str(trained_run), str(folder), "--output", str(parts),
+                        "--format", fmt, "--resume"), check=True, env=env, capture_output=True)
+    assert parts.read_text() == whole.read_text()
+
+
+def test_resume_redoes_a_row_cut_short(trained_run: Path, toy_data: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture) -> None:
+    folder = toy_data / "test" / "scratch"
+    whole, parts = tmp_path / "whole.jsonl", tmp_path / "parts.jsonl"
+    assert _predict("--run", str(trained_run), str(folder), "--output", str(whole),
+                    "--batch-size", "1") == 0
+    lines = whole.read_text().splitlines(keepends=True)
+    parts.write_text("".join(lines[:2]) + lines[2][: len(lines[2]) // 2])  # a power cut
+    assert _predict("--run", str(trained_run), str(folder), "--output", str(parts),
+                    "--batch-size", "1", "--resume") == 0
+    assert parts.read_text() == whole.read_text()
+    assert "2 already in the table" in capsys.readouterr().err
+
+
+def test_discovery_names_what_it_leaves_out(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "x.png")
+    (tmp_path / "a" / "y.gif").write_bytes(b"GIF89a")
+    found = find_images([tmp_path / "a", tmp_path / "a" / "x.png"])
+    assert [f.relative for f in found.images] == [Path("x.png")]
+    assert sorted(reason for _, reason in found.ignored) == [
+        "listed twice", "not an image extension (.gif)"]
