@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -236,6 +237,30 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--no-progress", action="store_true")
     _add_max_pixels_arg(export)
 
+    serve = commands.add_parser(
+        "serve", help="serve trained models over HTTP: a JSON API and a web page")
+    serve.add_argument("--run", required=True, action="append", metavar="[NAME=]RUN",
+                       help="a run or export folder, named by its folder unless NAME= is "
+                            "given; repeat to serve several")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only; "
+                            "any other needs --api-key)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=os.environ.get("ANOMAP_API_KEY"),
+                       help="key every API call must send as X-API-Key (default: "
+                            "$ANOMAP_API_KEY)")
+    serve.add_argument("--device", default="auto")
+    _add_runtime_arg(serve)
+    serve.add_argument("--max-request-bytes", type=int, default=64 * 2**20)
+    serve.add_argument("--max-image-bytes", type=int, default=16 * 2**20)
+    serve.add_argument("--max-images", type=int, default=32, help="images per request")
+    serve.add_argument("--max-batch", type=int, default=8,
+                       help="images scored together, from concurrent requests (default 8)")
+    serve.add_argument("--batch-window-ms", type=float, default=10.0,
+                       help="how long the first image of a batch waits for others "
+                            "(default 10 ms; 0: no batching)")
+    _add_max_pixels_arg(serve)
+
     samples = commands.add_parser(
         "samples", help="write a PNG grid of the synthetic training samples a method sees")
     samples.add_argument("--model", default="draem", choices=sorted(METHODS))
@@ -391,6 +416,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from anomap.runtimes import require
+
+    for module in ("fastapi", "uvicorn", "python_multipart", "prometheus_client"):
+        require(module)  # the serve extra, or a message naming it
+    from anomap.serve import ServeSettings, serve
+
+    models: dict[str, Path] = {}
+    for item in args.run:
+        name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
+        name = name or Path(path).name
+        if name in models:
+            raise ValueError(f"two models named {name!r}: name them with --run NAME=RUN")
+        models[name] = Path(path)
+    settings = ServeSettings(
+        host=args.host, port=args.port, api_key=args.api_key,
+        max_request_bytes=args.max_request_bytes, max_image_bytes=args.max_image_bytes,
+        max_images=args.max_images, max_pixels=args.max_pixels, max_batch=args.max_batch,
+        batch_window_ms=args.batch_window_ms)
+    settings.check()
+    print(f"anomap serve: {', '.join(models)} on http://{args.host}:{args.port}/  "
+          f"(API docs: /docs)", file=sys.stderr)
+    serve(models, settings, runtime=args.runtime, device=args.device)
+    return 0
+
+
 def cmd_samples(args: argparse.Namespace) -> int:
     import torch
 
@@ -433,7 +484,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="anomap: %(levelname)s: %(message)s")
     handler = {"train": cmd_train, "test": cmd_test, "retune": cmd_retune,
-               "predict": cmd_predict, "export": cmd_export, "samples": cmd_samples,
+               "predict": cmd_predict, "export": cmd_export, "serve": cmd_serve,
+               "samples": cmd_samples,
                "demo": cmd_demo}[args.command]
     if getattr(args, "max_pixels", None) is not None:
         from anomap.data import set_max_pixels

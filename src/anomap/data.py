@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -104,17 +104,23 @@ def max_pixels() -> int:
     return _max_pixels
 
 
-def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
+def load_image(path: str | Path | BinaryIO, max_pixels: int | None = None,
+               name: str | None = None) -> Image.Image:
     """Decode an image file fully into 8-bit RGB, or raise ImageReadError naming it.
 
-    The size in the header is checked before decoding: an image over ``max_pixels``
-    (default: the process's limit, :func:`set_max_pixels`) is refused with its size
-    and the limit, so one oversized file never stops a run."""
-    path = Path(path)
+    ``path`` may be an open binary file (an upload) named by ``name``; its content
+    decides the format, never its name. The size in the header is checked before
+    decoding: an image over ``max_pixels`` (default: the process's limit,
+    :func:`set_max_pixels`) is refused with its size and the limit, so one
+    oversized file never stops a run."""
+    is_file = isinstance(path, str | Path)
+    if is_file:
+        path = Path(path)
+    label = name or (str(path) if is_file else "upload")
     limit = _max_pixels if max_pixels is None else max_pixels
     try:
-        if path.is_dir():
-            raise ImageReadError(f"{path}: a folder, not an image file", "not a file")
+        if is_file and path.is_dir():
+            raise ImageReadError(f"{label}: a folder, not an image file", "not a file")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             handle = Image.open(path)
@@ -122,23 +128,26 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
             width, height = handle.size
             if width * height > limit:
                 raise ImageReadError(
-                    f"{path}: {width}x{height} is {width * height:,} pixels, over the limit "
+                    f"{label}: {width}x{height} is {width * height:,} pixels, over the limit "
                     f"of {limit:,}; raise it (max_pixels, --max-pixels) if the file "
                     "is trusted", "over pixel limit")
             handle.load()
             image = ImageOps.exif_transpose(handle) or handle
             return _to_rgb(image)
     except FileNotFoundError as error:
-        reason = "dangling link" if path.is_symlink() else "not found"
-        raise ImageReadError(f"{path}: {reason}", reason) from error
+        reason = "dangling link" if is_file and path.is_symlink() else "not found"
+        raise ImageReadError(f"{label}: {reason}", reason) from error
     except ImageReadError:
         raise
     except Image.DecompressionBombError as error:  # Pillow refuses it even to open
-        raise ImageReadError(f"{path}: refused, too many pixels to decode safely "
+        raise ImageReadError(f"{label}: refused, too many pixels to decode safely "
                              f"({error}); raise --max-pixels if the file is trusted",
                              "over pixel limit") from error
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as error:
-        raise ImageReadError(f"{path}: cannot decode image ({error})") from error
+    except UnidentifiedImageError as error:
+        raise ImageReadError(f"{label}: not an image anomap can read ({error})",
+                             "not an image") from error
+    except (OSError, ValueError, SyntaxError, EOFError) as error:
+        raise ImageReadError(f"{label}: cannot decode image ({error})") from error
 
 
 def load_mask(path: str | Path) -> np.ndarray:

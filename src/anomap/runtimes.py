@@ -56,7 +56,10 @@ FP32_TOLERANCE = 1e-4
 INPUT_NAME, OUTPUT_NAME = "images", "map"
 #: what a runtime needs installed, and the extra that installs it
 EXTRAS = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino"),
-          "onnx": ("onnx", "onnx"), "onnxscript": ("onnxscript", "onnx")}
+          "onnx": ("onnx", "onnx"), "onnxscript": ("onnxscript", "onnx"),
+          "fastapi": ("fastapi", "serve"), "uvicorn": ("uvicorn", "serve"),
+          "python_multipart": ("python-multipart", "serve"),
+          "prometheus_client": ("prometheus-client", "serve")}
 
 
 class ExportError(RuntimeError):
@@ -64,7 +67,8 @@ class ExportError(RuntimeError):
 
 
 def require(module: str) -> Any:
-    """Import an optional runtime, or say which extra installs it."""
+    """Import an optional dependency (a runtime, the service's stack), or say which
+    extra installs it."""
     import importlib
 
     package, extra = EXTRAS[module]
@@ -315,8 +319,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "onnx",
     train_samples, val_samples = normal_split(config)
     held_out = load_set(val_samples or train_samples, geometry,
                         desc="reading held-out normals", progress=progress)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent
-                                    if out_dir.parent.exists() else None))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         for name in (CONFIG_FILE, CALIBRATION_FILE, POSITION_STATS_FILE):
             if (run_dir / name).is_file():
