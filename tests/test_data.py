@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import png_claiming
 from PIL import Image
 
 from anomap.data import (
@@ -181,13 +180,7 @@ def test_reads_real_mtd_images() -> None:
 
 
 def _png_claiming(path: Path, width: int, height: int) -> Path:
-    """A tiny PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb's
-    signature), made without allocating them."""
-    Image.new("L", (1, 1)).save(path)
-    data = bytearray(path.read_bytes())
-    data[16:24] = struct.pack(">II", width, height)  # IHDR width, height
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # its CRC
-    path.write_bytes(bytes(data))
+    path.write_bytes(png_claiming(width, height))
     return path
 
 

@@ -7,30 +7,20 @@ import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import png_claiming
 from PIL import Image
 
 from anomap.cli import main
 from anomap.inspection import find_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _png_claiming(path: Path, width: int, height: int) -> None:
-    """A tiny PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb)."""
-    Image.new("L", (1, 1)).save(path)
-    data = bytearray(path.read_bytes())
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    path.write_bytes(bytes(data))
 
 
 def make_corpus(folder: Path, photo: Image.Image) -> dict[str, str]:
@@ -78,7 +68,7 @@ def make_corpus(folder: Path, photo: Image.Image) -> dict[str, str]:
     raw("text.png", b"this is not an image\n")
     raw("page.jpg", b"<!doctype html><html><body>404</body></html>")
     raw("random.tif", np.random.default_rng(0).bytes(5000))
-    _png_claiming(folder / "bomb.png", 40000, 40000)
+    (folder / "bomb.png").write_bytes(png_claiming(40000, 40000))
     expected["bomb.png"] = "error"
     os.symlink(folder / "missing.png", folder / "dangling.png")
     expected["dangling.png"] = "error"

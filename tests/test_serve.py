@@ -7,16 +7,15 @@ from __future__ import annotations
 import base64
 import io
 import shutil
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import png_claiming
 from PIL import Image
 
 from anomap.run import Detector
@@ -46,13 +45,7 @@ def running(models: dict, settings: ServeSettings | None = None) -> Iterator[str
 
 
 def _bomb_png() -> bytes:
-    """A PNG of a few bytes claiming 40000 x 40000 pixels."""
-    buffer = io.BytesIO()
-    Image.new("L", (1, 1)).save(buffer, format="PNG")
-    data = bytearray(buffer.getvalue())
-    data[16:24] = struct.pack(">II", 40000, 40000)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    return bytes(data)
+    return png_claiming(40000, 40000)
 
 
 @pytest.fixture(scope="module")
