@@ -158,3 +158,54 @@ def test_samples_command_draws_the_fractal_anomalies(toy_data: Path, tmp_path: P
     assert main(["samples", "--model", "fractalad", "--data", str(toy_data), "--out", str(out),
                  "-n", "2", "--image-size", "64"]) == 0
     assert out.is_file()
+
+
+def _objects_on_a_backdrop(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bright disks of random place and size on a plain, slightly noisy backdrop."""
+    generator = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(128), torch.arange(128), indexing="ij")
+    images, disks = [], []
+    for _ in range(n):
+        cy, cx, r = (int(v) for v in torch.randint(45, 84, (3,), generator=generator))
+        disk = (yy - cy) ** 2 + (xx - cx) ** 2 < (r // 2 + 10) ** 2
+        image = torch.full((3, 128, 128), 0.25)
+        image[:, disk] = torch.tensor([0.8, 0.6, 0.5])[:, None]
+        images.append((image + 0.02 * torch.randn(image.shape, generator=generator)).clamp(0, 1))
+        disks.append(disk)
+    return torch.stack(images), torch.stack(disks)
+
+
+def test_foreground_finds_the_object_and_auto_tells_objects_from_textures(
+        toy_data: Path) -> None:
+    from anomap.data import Geometry, discover, load_set, to_float
+    from anomap.synth.foreground import decide_foreground, foreground_mask
+
+    images, disks = _objects_on_a_backdrop(6)
+    for image, disk in zip(images, disks, strict=True):
+        found = torch.from_numpy(foreground_mask(image))
+        assert (found & disk).sum() / (found | disk).sum() > 0.9  # IoU
+    assert decide_foreground(images)[0]
+    tiles = load_set(discover(toy_data).train[:16], Geometry(128, "stretch"), progress=False)
+    use, why = decide_foreground(to_float(tiles.images))
+    assert not use and "borders" in why
+
+
+def test_anomalies_on_the_foreground_stay_on_the_object() -> None:
+    from anomap.synth.foreground import foreground_mask
+
+    images, _ = _objects_on_a_backdrop(8, seed=1)
+    torch.manual_seed(0)
+    out, masks = fractal_anomalies(images, foreground=True)
+    objects = torch.stack([torch.from_numpy(foreground_mask(image)) for image in images])
+    near = F.max_pool2d(objects[:, None].float(), 7, stride=1, padding=3)  # the 3-px dilation
+    assert ((masks > 0) & (near == 0)).sum() == 0
+    changed = (out - images).abs().amax(dim=1, keepdim=True) > 1e-6
+    assert (changed & (near == 0)).sum() == 0 and changed.any()
+
+
+def test_training_settles_foreground_auto_and_records_why(toy_data: Path,
+                                                          tmp_path: Path) -> None:
+    run = fit_toy("fractalad", toy_data, tmp_path / "run", epochs=1, image_size=64)
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["foreground"] == "off"  # brick tiles are a texture
+    assert "borders" in config["decisions"]["foreground"]

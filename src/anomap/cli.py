@@ -141,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--anomalies", choices=["fractal", "perlin"],
                        help="FractalAD: the synthetic anomalies it learns to segment: fractal "
                             "patches of the image itself (default) or DRAEM's Perlin ones")
+    train.add_argument("--foreground", choices=["auto", "on", "off"],
+                       help="FractalAD: paste anomalies on the object only (objects on a plain "
+                            "background); auto (default) decides from the normal images and "
+                            "says what it chose")
     train.add_argument("--decoder-width", type=int,
                        help="RSTPM: channels of the reconstructing student at stride 4, "
                             "doubled per level (default 32)")
@@ -211,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--run", required=True, type=Path)
     predict.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
     predict.add_argument("--out", type=Path, help="folder for overlay and mask PNGs")
-    predict.add_argument("--format", default="jsonl", choices=["jsonl", "csv"])
+    predict.add_argument("--format", default="jsonl", choices=["jsonl", "csv", "parquet"],
+                         help="parquet: with --engine ray")
     predict.add_argument("--output", type=Path,
                          help="write the table here (row by row) instead of stdout")
     predict.add_argument("--resume", action="store_true",
@@ -223,7 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_arg(predict)
     predict.add_argument("--batch-size", type=int, default=8)
     predict.add_argument("--workers", type=int, default=2,
-                         help="threads decoding photos while the network scores (default 2)")
+                         help="threads decoding photos while the network scores (default 2); "
+                              "with --engine ray: actors, each with the model loaded once")
+    predict.add_argument("--engine", default="local", choices=["local", "ray"],
+                         help="ray: an actor pool on Ray Data (pip install \"anomap[ray]\")")
+    predict.add_argument("--address",
+                         help="with --engine ray: the cluster to join (default: a local Ray)")
     _add_precision_arg(predict)
     _add_max_pixels_arg(predict)
 
@@ -292,7 +302,7 @@ def _print_metrics(result: dict[str, Any]) -> None:
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     """RSTPM's and FractalAD's model options as given (None: not given)."""
     return {"distillation": None if args.distillation is None else args.distillation == "on",
-            "anomalies": args.anomalies,
+            "anomalies": args.anomalies, "foreground": args.foreground,
             "second_backbone": args.second_backbone, "second_weights": args.second_weights,
             "attention": None if args.attention is None else args.attention == "on",
             "pair2_training": args.pair2_training, "decoder_width": args.decoder_width,
@@ -329,6 +339,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"\ninterrupted: finished epochs are saved. Continue with\n"
               f"  anomap train --out {args.out} --resume", file=sys.stderr)
         return 130
+    from anomap.distributed import current
+
+    if not current().is_main:  # torchrun's other ranks: rank 0 reports
+        return 0
+    for option, (value, why) in result.get("decisions", {}).items():
+        print(f"--{option.replace('_', '-')} auto: {value}, because {why}")
     print(f"trained: {args.out}  best epoch {result['best_epoch']}  "
           f"threshold {result['threshold']:.6g}  skipped files {result['n_skipped']}")
     if args.test:
@@ -377,6 +393,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from anomap.inspection import inspect_folder
     from anomap.run import Detector
 
+    if args.engine == "ray":
+        from anomap.scale import inspect_on_ray
+
+        summary = inspect_on_ray(args.run, args.inputs, args.output, fmt=args.format,
+                                 resume=args.resume, overwrite=args.overwrite, pictures=args.out,
+                                 batch_size=args.batch_size, actors=args.workers,
+                                 runtime=args.runtime, address=args.address, stream=sys.stdout)
+        print(f"anomap: {summary.describe()}", file=sys.stderr)
+        return 1 if summary.failed and not (summary.scored or summary.already_done) else 0
+    if args.format == "parquet":
+        raise ValueError("--format parquet is written by --engine ray; use jsonl or csv")
     detector = Detector.load(args.run, args.device, args.precision, args.runtime)
     try:
         summary = inspect_folder(detector, args.inputs, args.output, fmt=args.format,

@@ -59,7 +59,8 @@ EXTRAS = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino", "open
           "onnx": ("onnx", "onnx"), "onnxscript": ("onnxscript", "onnx"),
           "fastapi": ("fastapi", "serve"), "uvicorn": ("uvicorn", "serve"),
           "python_multipart": ("python-multipart", "serve"),
-          "prometheus_client": ("prometheus-client", "serve")}
+          "prometheus_client": ("prometheus-client", "serve"),
+          "ray": ("ray[data]", "ray"), "pyarrow": ("pyarrow", "ray")}
 
 
 class ExportError(RuntimeError):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from anomap import __version__
+from anomap import __version__, distributed
 from anomap.allocator import keep_freed_memory
 from anomap.calibrate import NO_SPLIT_SOURCE, Calibration, normal_split
 from anomap.data import Geometry, LoadedSet, load_set, to_float
@@ -174,7 +174,10 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
     then change single fields.
     """
     run_dir = Path(run_dir)
-    torch_device = resolve_device(device)
+    ranks = distributed.current()
+    torch_device = ranks.device(resolve_device(device))
+    ranks.start(torch_device)
+    progress = progress and ranks.is_main
     config_path = run_dir / CONFIG_FILE
     if map_normalization is not None:
         check_normalization(map_normalization)
@@ -206,6 +209,7 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
             raise RunExistsError(
                 f"{run_dir} already holds a run. Continue it with --resume, "
                 "or choose another --out folder.")
+        ranks.barrier()  # every rank has checked before rank 0 writes
         method_cls = get_method(method)
         given = {k: v for k, v in (model_config or {}).items() if v is not None}
         unknown = sorted(set(given) - set(method_cls.default_config()))
@@ -266,20 +270,30 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
     for line in skipped:
         log.warning("skipped unreadable file %s", line)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_json(config, config_path)
+    if not resume:  # ``auto`` options settled once, from the normal images, and recorded
+        sample = to_float(train_set.images[:: max(1, len(train_set) // 64)])
+        for option, (value, why) in model.decide_from_data(sample).items():
+            config["model"][option] = value
+            config.setdefault("decisions", {})[option] = why
+            log.info("%s auto -> %s: %s", option, value, why)
+    if ranks.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_json(config, config_path)
     calibration = Calibration(run_dir, config["threshold_quantile"], skipped,
                               config.get("map_normalization", "none"), model.image_score)
     history = train_loop(model, recipe, train_set, val_set, geometry, run_dir,
                          device=torch_device, seed=seed, resume=resume, progress=progress,
-                         calibration=calibration)
-    if val_set is None:  # nothing held out: calibrate on the training images, last weights
+                         calibration=calibration, ranks=ranks)
+    if val_set is None and ranks.is_main:  # nothing held out: calibrate on the training images
         maps, scores = infer(model, geometry, train_set, device=torch_device,
                              batch_size=recipe.batch_size, progress=progress,
                              desc="calibrating")
         calibration.write(maps, scores, history[-1]["epoch"],
                           source=NO_SPLIT_SOURCE)
+    ranks.barrier()  # rank 0 has written the run
     return {"run_dir": str(run_dir), "history": history,
+            "decisions": {k: (config["model"][k], why)
+                          for k, why in config.get("decisions", {}).items()},
             **load_json(run_dir / CALIBRATION_FILE)}
 
 
@@ -350,8 +364,8 @@ def cache_frozen_targets(model: AnomalyModel, train_set: LoadedSet, *, batch_siz
 
 
 class _TrainingStep(torch.nn.Module):
-    """``training_loss`` as a forward pass, so DataParallel can split a batch
-    (and its cached targets) over every visible GPU without the method knowing."""
+    """``training_loss`` as a forward pass, so DistributedDataParallel can wrap it
+    (and average its gradients over ranks) without the method knowing."""
 
     def __init__(self, model: AnomalyModel) -> None:
         super().__init__()
@@ -362,20 +376,24 @@ class _TrainingStep(torch.nn.Module):
         return self.model.training_loss(images, targets)
 
 
-def _training_step(model: AnomalyModel, device: torch.device) -> torch.nn.Module:
-    step: torch.nn.Module = _TrainingStep(model)
-    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
-        log.info("training on %d GPUs (DataParallel)", torch.cuda.device_count())
-        step = torch.nn.DataParallel(step)
-    return step
+def _training_step(model: AnomalyModel, device: torch.device,
+                   ranks: distributed.Distributed) -> torch.nn.Module:
+    """The loss as a module; DistributedDataParallel when torchrun started several ranks."""
+    if (not ranks.enabled and device.type == "cuda" and torch.cuda.device_count() > 1):
+        log.warning("training on one of %d GPUs; to use them all: torchrun "
+                    "--nproc_per_node %d -m anomap train ...", torch.cuda.device_count(),
+                    torch.cuda.device_count())
+    return ranks.wrap(_TrainingStep(model), device)
 
 
 def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
                val_set: LoadedSet | None, geometry: Geometry, run_dir: Path, *,
                device: torch.device, seed: int = 0, resume: bool = False,
-               progress: bool = True, calibration: Calibration | None = None
-               ) -> list[dict[str, float]]:
-    """Train for ``recipe.epochs``; returns the per-epoch history."""
+               progress: bool = True, calibration: Calibration | None = None,
+               ranks: distributed.Distributed | None = None) -> list[dict[str, float]]:
+    """Train for ``recipe.epochs``; returns the per-epoch history. With several
+    ``ranks`` each trains on its share of every batch and only rank 0 writes."""
+    ranks = ranks or distributed.Distributed()
     if device.type == "cpu":
         keep_freed_memory()
     check = (synthetic_check_set(val_set, geometry, seed)
@@ -393,7 +411,7 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
         _follow_recipe(scheduler, recipe, start_epoch)
         log.info("resuming %s after epoch %d", run_dir, start_epoch)
     model.to(device).train()
-    step_fn = _training_step(model, device)
+    step_fn = _training_step(model, device, ranks)
     n = len(train_set)
     batch_size = min(recipe.batch_size, n)
     # Augmented images change every epoch, so their frozen targets must be computed anew.
@@ -413,8 +431,9 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
                    disable=not progress, unit="batch")
         for step in bar:
             index = order[step * batch_size:(step + 1) * batch_size]
-            if len(index) < 2 and steps > 1:  # a batch of 1 breaks BatchNorm statistics
+            if len(index) < 2 * ranks.world_size and steps > 1:  # a share of 1 breaks BatchNorm
                 continue
+            index = ranks.share(index)
             # uint8 travels to the device (4x less than float), then is converted and turned there
             images = train_set.images[index].to(device, non_blocking=True)
             images = random_orientations(to_float(images), recipe.augment, variants)
@@ -431,7 +450,7 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
         scheduler.step()
         train_seconds = time.perf_counter() - started
         val_score, judged = float("nan"), {}
-        if val_set is not None:
+        if val_set is not None and ranks.is_main:
             maps, scores = infer(model, geometry, val_set, batch_size=recipe.batch_size,
                                  device=device, progress=False)
             val_score = float(scores.mean())
@@ -444,9 +463,11 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
         criterion = {"val_score": val_score, "last": -float(epoch + 1),
                      "synthetic": -sum(judged.values()) / 2 if judged else float("nan")
                      }[recipe.selection]
+        val_score, criterion = ranks.broadcast([val_score, criterion])  # rank 0 judged
         improved = not (criterion >= best_val)
         if improved:
             best_val = criterion if criterion == criterion else best_val
+        if improved and ranks.is_main:
             _save_checkpoint({"model": model.state_dict(), "epoch": epoch + 1,
                               "val_score": val_score, **judged}, run_dir / WEIGHTS_FILE)
             if calibration is not None and val_set is not None:
@@ -457,11 +478,12 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
                         "seconds": round(time.perf_counter() - started, 3),
                         "train_images_per_second": round(seen / train_seconds, 3),
                         "best": improved})
-        _save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                          "epoch": epoch + 1, "best_val": best_val, "history": history},
-                         state_path, epoch)
-        _write_history(history, run_dir / HISTORY_FILE)
+        if ranks.is_main:
+            _save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                              "epoch": epoch + 1, "best_val": best_val, "history": history},
+                             state_path, epoch)
+            _write_history(history, run_dir / HISTORY_FILE)
         epochs.set_postfix(loss=f"{history[-1]['loss']:.4f}", val=f"{val_score:.4g}",
                            best=f"{best_val:.4g}")
     return history

@@ -156,6 +156,12 @@ class AnomalyModel(nn.Module):
         raise ValueError(f"{self.name} trains on the normal images as they are: "
                          "there are no synthetic samples to show")
 
+    def decide_from_data(self, images: torch.Tensor) -> dict[str, tuple[Any, str]]:
+        """Settle ``auto`` options from a sample of the normal training images, once,
+        before training: ``{option: (value, why)}``, which the caller records in the
+        run's config and tells the user. Most methods have none."""
+        return {}
+
     def frozen_targets(self, images: torch.Tensor) -> list[torch.Tensor] | None:
         """What the method's frozen networks make of training images as loaded,
         or None. A method whose loss compares against a frozen network on

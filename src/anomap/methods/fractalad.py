@@ -35,6 +35,7 @@ from torch import nn
 from anomap.backbones import create_backbone
 from anomap.methods.base import AnomalyModel, Recipe
 from anomap.synth import LazyAnomalySource, save_sample_grid, synthesize, write_sample_grid
+from anomap.synth.foreground import FOREGROUND_MODES, decide_foreground
 from anomap.synth.fractal import fractal_anomalies
 
 ANOMALIES = ("fractal", "perlin")
@@ -140,11 +141,15 @@ class FractalAD(AnomalyModel):
     def __init__(self, backbone: str = "efficientnet_lite0", weights: str | None = "imagenet",
                  distillation: bool = True, anomalies: str = "fractal",
                  anomaly_source: str | None = None, head_width: int = 64,
-                 score_window: int = 1, image_score: str = "mean", **config: Any) -> None:
+                 score_window: int = 1, image_score: str = "mean", foreground: str = "auto",
+                 **config: Any) -> None:
         if anomalies not in ANOMALIES:
             raise ValueError(f"unknown anomalies {anomalies!r}: one of {', '.join(ANOMALIES)}")
+        if foreground not in FOREGROUND_MODES:
+            raise ValueError(f"unknown foreground {foreground!r}: one of "
+                             f"{', '.join(FOREGROUND_MODES)}")
         super().__init__(backbone=backbone, weights=weights, distillation=bool(distillation),
-                         anomalies=anomalies,
+                         anomalies=anomalies, foreground=foreground,
                          anomaly_source=None if anomaly_source is None else str(anomaly_source),
                          head_width=int(head_width), score_window=int(score_window),
                          image_score=image_score, **config)
@@ -165,7 +170,20 @@ class FractalAD(AnomalyModel):
     def default_config(cls) -> dict[str, Any]:
         return {"backbone": "efficientnet_lite0", "weights": "imagenet", "distillation": True,
                 "anomalies": "fractal", "anomaly_source": None, "head_width": 64,
-                "score_window": 1, "image_score": "mean"}
+                "score_window": 1, "image_score": "mean", "foreground": "auto"}
+
+    def decide_from_data(self, images: torch.Tensor) -> dict[str, tuple[Any, str]]:
+        """``foreground auto``: on for objects on a plain background, off for textures."""
+        if self.config["foreground"] != "auto":
+            return {}
+        use, why = decide_foreground(images)
+        self.config["foreground"] = "on" if use else "off"
+        return {"foreground": (self.config["foreground"], why)}
+
+    def _on_foreground(self, images: torch.Tensor) -> bool:
+        if self.config["foreground"] == "auto":  # not settled by training: this batch decides
+            self.decide_from_data(images)
+        return self.config["foreground"] == "on"
 
     def train(self, mode: bool = True) -> FractalAD:
         """The teacher stays in eval mode: its BatchNorm statistics are ImageNet's."""
@@ -184,7 +202,7 @@ class FractalAD(AnomalyModel):
         """(images with an anomaly each, their masks (B, 1, H, W)) from the global RNG."""
         with torch.no_grad():
             if self.config["anomalies"] == "fractal":
-                return fractal_anomalies(images)
+                return fractal_anomalies(images, foreground=self._on_foreground(images))
             return synthesize(images, self.textures.get(images.shape[-1]), p_anomaly=1.0)
 
     def _head_inputs(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -223,4 +241,5 @@ class FractalAD(AnomalyModel):
         if self.config["anomalies"] == "perlin":
             return write_sample_grid(images, self.textures.get(images.shape[-1]), path, n=n)
         with torch.no_grad():
-            return save_sample_grid(images, *fractal_anomalies(images), path)
+            return save_sample_grid(images, *fractal_anomalies(
+                images, foreground=self._on_foreground(images)), path)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from anomap.synth.augment import color_jitter, is_grayscale, luma, rotate
+from anomap.synth.foreground import foreground_mask
 
 #: FractalAD's systems: two maps, weighted singular-value sum in this range
 N_MAPS = 2
@@ -167,13 +168,26 @@ def _corner(length: int, side: int, generator: torch.Generator | None) -> int:
     return int(_uniform(low, max(low, high), generator))
 
 
+def _place(height: int, width: int, side: int, generator: torch.Generator | None,
+           foreground: torch.Tensor | None, tries: int = 20) -> tuple[int, int]:
+    """A patch's top-left corner; with a ``foreground`` (H, W) mask, one whose centre
+    lies on it (the last draw when none of ``tries`` does)."""
+    for _ in range(tries if foreground is not None else 1):
+        top, left = _corner(height, side, generator), _corner(width, side, generator)
+        if foreground is None or foreground[top + side // 2, left + side // 2]:
+            break
+    return top, left
+
+
 def paste_fractal_anomaly(image: torch.Tensor, generator: torch.Generator | None = None,
-                          grey: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                          grey: bool = False, foreground: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """(3, H, W) in [0, 1] -> (the image with one anomaly, its (H, W) 0/1 mask before
-    dilation). The anomaly is never empty; ``grey``: the patch stays grey."""
+    dilation). The anomaly is never empty; ``grey``: the patch stays grey;
+    ``foreground`` (H, W bool): cut and paste on the object only."""
     _, height, width = image.shape
     side = max(4, int(_uniform(*PATCH_SIDE, generator) * min(height, width)))
-    top, left = _corner(height, side, generator), _corner(width, side, generator)
+    top, left = _place(height, width, side, generator, foreground)
     patch = _recolour(image[:, top:top + side, left:left + side], generator)
     if grey:
         patch = luma(patch[None])[0].expand(3, -1, -1)
@@ -189,7 +203,13 @@ def paste_fractal_anomaly(image: torch.Tensor, generator: torch.Generator | None
     mask = turned[3] * shape
     if not mask.any():  # the fractal fell where the turn cut the corners off: keep its shape
         mask = shape
-    top, left = _corner(height, side, generator), _corner(width, side, generator)
+    top, left = _place(height, width, side, generator, foreground)
+    for _ in range(20 if foreground is not None else 0):  # the defect stays on the object
+        on_object = mask * foreground[top:top + side, left:left + side].to(mask)
+        if on_object.any():
+            mask = on_object
+            break
+        top, left = _place(height, width, side, generator, foreground)
     out = image.clone()
     region = out[:, top:top + side, left:left + side]
     out[:, top:top + side, left:left + side] = region * (1 - mask) + turned[:3] * mask
@@ -198,13 +218,16 @@ def paste_fractal_anomaly(image: torch.Tensor, generator: torch.Generator | None
     return out, full
 
 
-def fractal_anomalies(images: torch.Tensor, generator: torch.Generator | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def fractal_anomalies(images: torch.Tensor, generator: torch.Generator | None = None,
+                      foreground: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 3, H, W) in [0, 1] -> (images each with one anomaly, masks (B, 1, H, W) 0/1),
-    the masks dilated as FractalAD's targets are, noise in half of the samples."""
+    the masks dilated as FractalAD's targets are, noise in half of the samples.
+    ``foreground``: on each image's object only (:mod:`anomap.synth.foreground`)."""
     grey = is_grayscale(images).tolist()
-    pasted = [paste_fractal_anomaly(image, generator, g) for image, g in zip(images, grey,
-                                                                               strict=True)]
+    objects = ([torch.from_numpy(foreground_mask(image)) for image in images] if foreground
+               else [None] * len(images))
+    pasted = [paste_fractal_anomaly(image, generator, g, fg)
+              for image, g, fg in zip(images, grey, objects, strict=True)]
     out = torch.stack([image for image, _ in pasted])
     masks = torch.stack([mask for _, mask in pasted])[:, None]
     for _ in range(DILATIONS):

@@ -1,0 +1,138 @@
+"""Inspecting millions of photos on Ray: ``anomap predict --engine ray``.
+
+A Ray Data pipeline over the image paths, with an actor pool in which each actor
+loads the :class:`anomap.run.Detector` once (a run or an export folder, any
+runtime) and scores batches: decoding, errors, the row and the pictures are
+:mod:`anomap.inspection`'s own code, so the rows are the ones plain ``predict``
+writes, in the same order. The driver streams them to the table as they arrive
+(JSON lines or CSV, with ``--resume``, as plain predict; or Parquet). Without an
+address Ray starts on this machine; with one it joins the user's cluster, where
+the run folder and the images must be readable by every worker at the same
+paths.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from anomap.inspection import (
+    COLUMNS,
+    Discovery,
+    FoundImage,
+    Summary,
+    _decode,
+    _Decoded,
+    _row,
+    find_images,
+    open_table,
+)
+from anomap.runtimes import require
+
+
+class _Scorer:
+    """One Ray actor: the Detector loaded once, then batches of paths -> rows."""
+
+    def __init__(self, run: str, runtime: str, pictures: str | None) -> None:
+        import torch
+
+        from anomap.run import Detector
+
+        torch.set_num_threads(1)  # one core per actor; Ray gives each its own
+        self.detector = Detector.load(run, "cpu", runtime=runtime)
+        self.pictures = Path(pictures) if pictures else None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+        found = [FoundImage(Path(p), Path(r)) for p, r in zip(batch["path"], batch["relative"],
+                                                              strict=True)]
+        decoded: list[_Decoded] = [_decode(self.detector, f, self.pictures is not None)
+                                   for f in found]
+        good = [item for item in decoded if item.error is None]
+        predictions = iter(self.detector.predict_prepared([i.prepared for i in good],
+                                                          [str(i.found.path) for i in good]))
+        rows = [_row(item, next(predictions) if item.error is None else None, self.pictures,
+                     self.detector.display_range) for item in decoded]
+        return {"row": [_encode(row) for row in rows],
+                "reason": [item.error.reason if item.error else "" for item in decoded]}
+
+
+def _encode(row: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(row)
+
+
+def inspect_on_ray(run: str | Path, inputs: Sequence[str | Path], output: Path | None = None,
+                   *, fmt: str = "jsonl", resume: bool = False, overwrite: bool = False,
+                   pictures: Path | None = None, batch_size: int = 8, actors: int = 2,
+                   runtime: str = "auto", address: str | None = None,
+                   stream: IO[str] | None = None) -> Summary:
+    """Score ``inputs`` (files and folders, as plain predict) on a Ray actor pool."""
+    import json
+
+    ray = require("ray")
+    found: Discovery = find_images(inputs)
+    if not found.images:
+        raise FileNotFoundError(f"no images found in {', '.join(map(str, inputs))}")
+    started = time.perf_counter()
+    summary = Summary(ignored=Counter(reason.split(" (")[0] for _, reason in found.ignored),
+                      ignored_files=list(found.ignored))
+    parquet = fmt == "parquet"
+    if output is not None and not parquet:
+        handle, writer, done = open_table(output, fmt, resume, overwrite)
+    else:
+        if resume:
+            raise ValueError("--resume needs --output FILE in jsonl or csv")
+        from anomap.inspection import RowWriter
+
+        handle, done = None, set()
+        writer = None if parquet else RowWriter(stream or io.StringIO(), fmt)
+    todo = [f for f in found.images if str(f.path) not in done]
+    summary.already_done = len(found.images) - len(todo)
+    if not ray.is_initialized():
+        ray.init(address=address, num_cpus=None if address else actors,
+                 include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # the table in the inputs' order
+    dataset = ray.data.from_items([{"path": str(f.path), "relative": str(f.relative)}
+                                   for f in todo], override_num_blocks=max(1, actors * 4))
+    scored = dataset.map_batches(
+        _Scorer, fn_constructor_args=(str(run), runtime, str(pictures) if pictures else None),
+        batch_size=batch_size, concurrency=actors, num_cpus=1, batch_format="numpy")
+    parquet_rows: list[dict[str, Any]] = []
+    try:
+        for batch in scored.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            rows = [json.loads(text) for text in batch["row"]]
+            for row, reason in zip(rows, batch["reason"], strict=True):
+                if row["verdict"] == "error":
+                    summary.errors[str(reason)] += 1
+                else:
+                    summary.scored += 1
+                    summary.failed_verdicts += row["verdict"] == "fail"
+            if parquet:
+                parquet_rows += rows
+            else:
+                writer.write(rows)
+    finally:
+        if handle is not None:
+            handle.close()
+    if parquet:
+        if output is None:
+            raise ValueError("--format parquet needs --output FILE")
+        pyarrow = require("pyarrow")
+        import pyarrow.parquet as pq
+
+        table = pyarrow.table({c: [row.get(c) for row in parquet_rows] for c in COLUMNS})
+        pq.write_table(table, output)
+    summary.seconds = time.perf_counter() - started
+    if output is not None:
+        from anomap.files import save_json
+
+        save_json(summary.to_json(), output.with_name(output.name + ".summary.json"))
+    return summary
