@@ -102,88 +102,95 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a model on defect-free images")
-    train.add_argument("--model", default="stpm", choices=sorted(METHODS), help="method")
-    _add_data_args(train, required=False)
-    train.add_argument("--out", required=True, type=Path, help="run folder to write")
-    train.add_argument("--epochs", type=int, help="default: the method's recipe")
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--image-size", type=int, help="network input side (default 256)")
-    train.add_argument("--lr", type=float)
-    train.add_argument("--lr-milestones", type=float, nargs="+", metavar="FRACTION",
+    data = train.add_argument_group("data")
+    photos = train.add_argument_group("reading the photos")
+    model = train.add_argument_group(
+        "model (each method's own options are marked with its name)")
+    recipe = train.add_argument_group("recipe (default: the method's, or its --preset)")
+    run = train.add_argument_group("the run")
+    model.add_argument("--model", default="stpm", choices=sorted(METHODS), help="method")
+    _add_data_args(data, required=False)
+    run.add_argument("--out", required=True, type=Path, help="run folder to write")
+    recipe.add_argument("--epochs", type=int, help="default: the method's recipe")
+    recipe.add_argument("--batch-size", type=int)
+    recipe.add_argument("--image-size", type=int, help="network input side (default 256)")
+    recipe.add_argument("--lr", type=float)
+    recipe.add_argument("--lr-milestones", type=float, nargs="+", metavar="FRACTION",
                        help="fractions of the epochs at which lr is multiplied by --lr-gamma")
-    train.add_argument("--lr-gamma", type=float,
+    recipe.add_argument("--lr-gamma", type=float,
                        help="lr factor at each milestone (default: the method's)")
-    train.add_argument("--augment", choices=ORIENTATIONS,
+    recipe.add_argument("--augment", choices=ORIENTATIONS,
                        help="random flips (flip) or flips and 90-degree turns (dihedral) of "
                             "the training images, for data whose normal photos stay normal "
                             "that way (default none)")
-    train.add_argument("--backbone", help="e.g. efficientnet_lite0 (offline default), resnet18")
-    train.add_argument("--weights", help="teacher weights: 'imagenet' (default) or a .pth file")
-    train.add_argument("--strides", type=int, nargs="+",
+    model.add_argument("--backbone", help="e.g. efficientnet_lite0 (offline default), resnet18")
+    model.add_argument("--weights", help="teacher weights: 'imagenet' (default) or a .pth file")
+    model.add_argument("--strides", type=int, nargs="+",
                        help="STPM, RSTPM: feature-pyramid levels as strides (default 4 8 16, the "
                             "paper's; 8 16 32 suits large, low-contrast defects, see docs/mtd.md)")
-    train.add_argument("--second-backbone",
+    model.add_argument("--second-backbone",
                        help="RSTPM: pair 2's teacher, another network than --backbone "
                             "(default efficientnet_lite1; resnet50 with --second-weights FILE)")
-    train.add_argument("--second-weights",
+    model.add_argument("--second-weights",
                        help="RSTPM: pair 2's teacher weights, 'imagenet' (default) or a .pth file")
-    train.add_argument("--attention", choices=["on", "off"],
+    model.add_argument("--attention", choices=["on", "off"],
                        help="RSTPM: spatial gates from teacher 2 on the reconstructing "
                             "student's levels (default on)")
-    train.add_argument("--pair2-training", choices=PAIR2_TRAINING,
+    model.add_argument("--pair2-training", choices=PAIR2_TRAINING,
                        help="RSTPM: pair 2's student rebuilds teacher 2's features of the "
                             "normal images (default) or of the clean image behind a "
                             "synthetic anomaly (see --anomaly-source)")
-    train.add_argument("--distillation", choices=["on", "off"],
+    model.add_argument("--distillation", choices=["on", "off"],
                        help="FractalAD: a student copies the teacher and the head reads where "
                             "they disagree (default on); off: the head reads the teacher "
                             "(the paper's setting for textures)")
-    train.add_argument("--anomalies", choices=["fractal", "perlin"],
+    model.add_argument("--anomalies", choices=["fractal", "perlin"],
                        help="FractalAD: the synthetic anomalies it learns to segment: fractal "
                             "patches of the image itself (default) or DRAEM's Perlin ones")
-    train.add_argument("--foreground", choices=["auto", "on", "off"],
+    model.add_argument("--foreground", choices=["auto", "on", "off"],
                        help="FractalAD: paste anomalies on the object only (objects on a plain "
                             "background); auto (default) decides from the normal images and "
                             "says what it chose")
-    train.add_argument("--decoder-width", type=int,
+    model.add_argument("--decoder-width", type=int,
                        help="RSTPM: channels of the reconstructing student at stride 4, "
                             "doubled per level (default 32)")
-    _add_inference_args(train)
+    _add_inference_args(train.add_argument_group(
+        "reading the map (anomap retune may change these later)"))
     presets = "; ".join(f"{name}: " + ", ".join(METHODS[name].presets())
                         for name in sorted(METHODS))
-    train.add_argument("--preset", default="auto",
+    model.add_argument("--preset", default="auto",
                        help="a named starting point that single options then change "
                             f"({presets}): paper is faithful, cpu fits a method too heavy "
                             "for a CPU, large-defects is STPM's best on MTD (docs/mtd.md); "
                             "auto (default): the method's cpu preset on a CPU if it has one, "
                             "else paper")
-    train.add_argument("--anomaly-source",
+    model.add_argument("--anomaly-source",
                        help="DRAEM, RSTPM with --pair2-training synthetic: folder of "
                             "texture images (e.g. DTD), or builtin, "
                             "procedural, skimage (default: builtin, offline)")
-    train.add_argument("--selection", choices=SELECTION_RULES,
+    recipe.add_argument("--selection", choices=SELECTION_RULES,
                        help="which epoch becomes model.pt, judged on held-out normals: lowest "
                             "mean score, the last, or best AUROC on synthetic anomalies pasted "
                             "into them (default: the method's recipe)")
-    train.add_argument("--resize-mode", choices=RESIZE_MODES,
+    photos.add_argument("--resize-mode", choices=RESIZE_MODES,
                        help="letterbox keeps the aspect ratio and pads with edge pixels "
                             "(default); mirror keeps it and pads with the mirrored photo; "
                             "stretch squashes")
-    train.add_argument("--margin", type=int,
+    photos.add_argument("--margin", type=int,
                        help="pixels on each side of the network input kept free of the "
                             "photo and padded like the rest, so its edges lie away from "
                             "the network's border (default 0)")
-    train.add_argument("--val-fraction", type=float, default=0.2,
+    data.add_argument("--val-fraction", type=float, default=0.2,
                        help="share of normal images held out for selection and threshold")
-    _add_calibration_args(train, retuning=False)
-    train.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--resume", action="store_true",
+    _add_calibration_args(train.add_argument_group("threshold"), retuning=False)
+    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    recipe.add_argument("--seed", type=int, default=0)
+    run.add_argument("--resume", action="store_true",
                        help="continue an interrupted run; with --epochs, --lr-milestones, "
                             "--lr-gamma also train a finished run on (see README)")
-    train.add_argument("--test", action="store_true", help="run 'anomap test' afterwards")
-    train.add_argument("--no-progress", action="store_true")
-    _add_max_pixels_arg(train)
+    run.add_argument("--test", action="store_true", help="run 'anomap test' afterwards")
+    run.add_argument("--no-progress", action="store_true")
+    _add_max_pixels_arg(photos)
 
     test = commands.add_parser("test", help="evaluate a run on a test set, write the report")
     test.add_argument("--run", required=True, type=Path)
