@@ -227,3 +227,26 @@ def test_discovery_names_what_it_leaves_out(tmp_path: Path) -> None:
     assert [f.relative for f in found.images] == [Path("x.png")]
     assert sorted(reason for _, reason in found.ignored) == [
         "listed twice", "not an image extension (.gif)"]
+
+
+def test_fast_decode_reads_large_jpegs_at_reduced_size_with_close_scores(
+        trained_run: Path, toy_data: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    from anomap.data import load_image
+
+    folder = tmp_path / "large"
+    folder.mkdir()
+    for kind in ("hole", "good"):
+        tile = Image.open(toy_data / "test" / kind / "000.png").convert("RGB")
+        tile.resize((1024, 1024), Image.BICUBIC).save(folder / f"{kind}.jpg", quality=95)
+    # the network reads 128 px: libjpeg decodes at 1/8, the largest reduction that keeps 128
+    assert load_image(folder / "hole.jpg", draft=128).size == (128, 128)
+    rows = {}
+    for fast in (False, True):
+        assert _predict("--run", str(trained_run), str(folder),
+                        *(["--fast-decode"] if fast else [])) == 0
+        rows[fast] = {Path(r["path"]).stem: r for r in
+                      map(json.loads, capsys.readouterr().out.splitlines())}
+    for kind in ("hole", "good"):
+        assert rows[True][kind]["score"] == pytest.approx(rows[False][kind]["score"], rel=0.15)
+    assert rows[True]["hole"]["score"] > rows[True]["good"]["score"]

@@ -105,14 +105,16 @@ def max_pixels() -> int:
 
 
 def load_image(path: str | Path | BinaryIO, max_pixels: int | None = None,
-               name: str | None = None) -> Image.Image:
+               name: str | None = None, draft: int | None = None) -> Image.Image:
     """Decode an image file fully into 8-bit RGB, or raise ImageReadError naming it.
 
     ``path`` may be an open binary file (an upload) named by ``name``; its content
     decides the format, never its name. The size in the header is checked before
     decoding: an image over ``max_pixels`` (default: the process's limit,
     :func:`set_max_pixels`) is refused with its size and the limit, so one
-    oversized file never stops a run."""
+    oversized file never stops a run. ``draft``: a JPEG is decoded at the smallest
+    power-of-two reduction that keeps both sides at least ``draft`` pixels
+    (libjpeg scales while decoding), for a network smaller than the photo."""
     is_file = isinstance(path, str | Path)
     if is_file:
         path = Path(path)
@@ -131,6 +133,8 @@ def load_image(path: str | Path | BinaryIO, max_pixels: int | None = None,
                     f"{label}: {width}x{height} is {width * height:,} pixels, over the limit "
                     f"of {limit:,}; raise it (max_pixels, --max-pixels) if the file "
                     "is trusted", "over pixel limit")
+            if draft is not None and handle.format == "JPEG":
+                handle.draft("RGB", (draft, draft))
             handle.load()
             image = ImageOps.exif_transpose(handle) or handle
             return _to_rgb(image)

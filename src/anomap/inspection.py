@@ -230,29 +230,32 @@ class _Decoded:
     error: ImageReadError | None = None
 
 
-def _decode(detector: Detector, found: FoundImage, keep_photo: bool) -> _Decoded:
-    try:
-        photo = load_image(found.path)
+def _decode(detector: Detector, found: FoundImage, keep_photo: bool,
+            fast_decode: bool = False) -> _Decoded:
+    try:  # reduced JPEG decoding only when no picture at the photo's size is drawn
+        photo = load_image(found.path, draft=detector.geometry.size
+                           if fast_decode and not keep_photo else None)
     except ImageReadError as error:
         return _Decoded(found, error=error)
     return _Decoded(found, detector.prepare(photo), np.asarray(photo) if keep_photo else None)
 
 
 def _decoded_in_order(detector: Detector, images: Sequence[FoundImage], keep_photo: bool,
-                      workers: int, window: int) -> Iterator[_Decoded]:
+                      workers: int, window: int, fast_decode: bool = False
+                      ) -> Iterator[_Decoded]:
     """Decode in a thread pool, at most ``window`` images ahead, yielding in input order."""
     with ThreadPoolExecutor(max_workers=max(1, workers),
                             thread_name_prefix="anomap-decode") as pool:
         pending: deque[Future[_Decoded]] = deque()
         queue = iter(images)
         for found in queue:
-            pending.append(pool.submit(_decode, detector, found, keep_photo))
+            pending.append(pool.submit(_decode, detector, found, keep_photo, fast_decode))
             if len(pending) >= window:
                 break
         while pending:
             yield pending.popleft().result()
             for found in queue:
-                pending.append(pool.submit(_decode, detector, found, keep_photo))
+                pending.append(pool.submit(_decode, detector, found, keep_photo, fast_decode))
                 break
 
 
@@ -281,13 +284,16 @@ def _log_error(error: ImageReadError) -> None:
 def inspect(detector: Detector, found: Discovery, writer: RowWriter, *,
             pictures: Path | None = None, batch_size: int = 8, workers: int = 2,
             skip: set[str] | frozenset[str] = frozenset(), progress: bool = True,
-            on_error: Callable[[ImageReadError], None] | None = None) -> Summary:
+            on_error: Callable[[ImageReadError], None] | None = None,
+            fast_decode: bool = False) -> Summary:
     """Score every image of ``found`` and write one row per image as it is done.
 
     ``skip``: paths already in the table (resume). ``pictures``: folder for
     overlay and mask PNGs, mirroring the inputs' paths. ``on_error`` hears of
-    each unreadable file as it happens (default: a logged warning). Returns the
-    counts."""
+    each unreadable file as it happens (default: a logged warning).
+    ``fast_decode``: JPEGs decoded at reduced size where the network is smaller
+    than the photo (maps then come back at that size; not with ``pictures``).
+    Returns the counts."""
     started = time.perf_counter()
     summary = Summary(ignored=Counter(reason.split(" (")[0] for _, reason in found.ignored),
                       ignored_files=list(found.ignored))
@@ -317,7 +323,7 @@ def inspect(detector: Detector, found: Discovery, writer: RowWriter, *,
 
     try:
         for item in _decoded_in_order(detector, todo, pictures is not None, workers,
-                                      window=batch_size * 2 + workers):
+                                      window=batch_size * 2 + workers, fast_decode=fast_decode):
             chunk.append(item)
             if (sum(i.error is None for i in chunk) >= batch_size
                     or len(chunk) >= 4 * batch_size):  # a run of bad files: write them too
@@ -333,7 +339,8 @@ def inspect_folder(detector: Detector, inputs: Sequence[str | Path], output: Pat
                    *, fmt: str = "jsonl", resume: bool = False, overwrite: bool = False,
                    pictures: Path | None = None, batch_size: int = 8, workers: int = 2,
                    progress: bool = True, stream: IO[str] | None = None,
-                   on_error: Callable[[ImageReadError], None] | None = None) -> Summary:
+                   on_error: Callable[[ImageReadError], None] | None = None,
+                   fast_decode: bool = False) -> Summary:
     """Files and folders -> a table at ``output`` (or ``stream``) and its summary,
     written next to the table as ``<output>.summary.json``."""
     found = find_images(inputs)
@@ -346,12 +353,13 @@ def inspect_folder(detector: Detector, inputs: Sequence[str | Path], output: Pat
             raise ValueError("--resume needs --output FILE: the table to continue")
         writer = RowWriter(stream or io.StringIO(), fmt)
         return inspect(detector, found, writer, pictures=pictures, batch_size=batch_size,
-                       workers=workers, progress=progress, on_error=on_error)
+                       workers=workers, progress=progress, on_error=on_error,
+                       fast_decode=fast_decode)
     handle, writer, done = open_table(output, fmt, resume, overwrite)
     try:
         summary = inspect(detector, found, writer, pictures=pictures, batch_size=batch_size,
                           workers=workers, skip=done, progress=progress,
-                          on_error=on_error)
+                          on_error=on_error, fast_decode=fast_decode)
     finally:
         handle.close()
     save_json(summary.to_json(), output.with_name(output.name + ".summary.json"))
