@@ -164,3 +164,11 @@ def test_train_with_other_levels_score_window_and_lr_schedule(toy_data: Path,
     network = detector.model.method
     assert network.teacher.out_strides == network.student.out_strides == (8, 16, 32)
     assert detector.predict(np.zeros((40, 70), dtype=np.uint8))[0].anomaly_map.shape == (40, 70)
+
+
+def test_the_cli_reference_in_docs_is_current() -> None:
+    from anomap.cli import reference_markdown
+
+    written = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    assert written == reference_markdown(), (
+        "docs/cli.md is stale: python -m anomap.cli --reference > docs/cli.md")

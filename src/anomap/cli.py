@@ -281,6 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default 10 ms; 0: no batching)")
     _add_max_pixels_arg(serve)
 
+    compare = commands.add_parser(
+        "compare", help="put tested runs side by side on one HTML page")
+    compare.add_argument("runs", nargs="+", type=Path, help="run folders, each tested")
+    compare.add_argument("--out", required=True, type=Path, help="HTML file to write")
+    compare.add_argument("-n", type=int, default=12,
+                         help="images where the runs disagree most, shown (default 12)")
+    compare.add_argument("--device", default="auto")
+
     samples = commands.add_parser(
         "samples", help="write a PNG grid of the synthetic training samples a method sees")
     samples.add_argument("--model", default="draem", choices=sorted(METHODS))
@@ -300,6 +308,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto")
     demo.add_argument("--no-progress", action="store_true")
     return parser
+
+
+def reference_markdown() -> str:
+    """docs/cli.md: every command's ``--help``, generated from the parser so the
+    reference cannot drift from the code (a test compares the two)."""
+    previous = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal: fix it
+    try:
+        parser = build_parser()
+        commands = next(a for a in parser._actions
+                        if isinstance(a, argparse._SubParsersAction))
+        parts = ["# Command-line reference\n\nGenerated from the parser by "
+                 "`python -m anomap.cli --reference > docs/cli.md`; "
+                 "`tests/test_cli.py` checks it is current.\n"]
+        for name, sub in commands.choices.items():
+            parts.append(f"\n## anomap {name}\n\n```\n{sub.format_help().rstrip()}\n```\n")
+        return "".join(parts)
+    finally:
+        if previous is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = previous
 
 
 def _print_metrics(result: dict[str, Any]) -> None:
@@ -480,6 +510,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from anomap.compare import compare_runs
+
+    print(f"wrote {compare_runs(args.runs, args.out, n_images=args.n, device=args.device)}")
+    return 0
+
+
 def cmd_samples(args: argparse.Namespace) -> int:
     import torch
 
@@ -523,6 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="anomap: %(levelname)s: %(message)s")
     handler = {"train": cmd_train, "test": cmd_test, "retune": cmd_retune,
                "predict": cmd_predict, "export": cmd_export, "serve": cmd_serve,
+               "compare": cmd_compare,
                "samples": cmd_samples,
                "demo": cmd_demo}[args.command]
     if getattr(args, "max_pixels", None) is not None:
@@ -539,4 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--reference"]:
+        sys.stdout.write(reference_markdown())
+        sys.exit(0)
     sys.exit(main())
