@@ -131,6 +131,12 @@ class Summary:
     ignored_files: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
 
+    @classmethod
+    def of(cls, found: Discovery) -> Summary:
+        """A summary that starts with what discovery left out."""
+        return cls(ignored=Counter(reason.split(" (")[0] for _, reason in found.ignored),
+                   ignored_files=list(found.ignored))
+
     @property
     def failed(self) -> int:
         return sum(self.errors.values())
@@ -295,8 +301,7 @@ def inspect(detector: Detector, found: Discovery, writer: RowWriter, *,
     than the photo (maps then come back at that size; not with ``pictures``).
     Returns the counts."""
     started = time.perf_counter()
-    summary = Summary(ignored=Counter(reason.split(" (")[0] for _, reason in found.ignored),
-                      ignored_files=list(found.ignored))
+    summary = Summary.of(found)
     todo = [f for f in found.images if str(f.path) not in skip]
     summary.already_done = len(found.images) - len(todo)
     bar = tqdm(total=len(todo), unit="img", desc="inspecting", disable=not progress,

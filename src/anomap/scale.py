@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import time
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -81,8 +80,7 @@ def inspect_on_ray(run: str | Path, inputs: Sequence[str | Path], output: Path |
     if not found.images:
         raise FileNotFoundError(f"no images found in {', '.join(map(str, inputs))}")
     started = time.perf_counter()
-    summary = Summary(ignored=Counter(reason.split(" (")[0] for _, reason in found.ignored),
-                      ignored_files=list(found.ignored))
+    summary = Summary.of(found)
     parquet = fmt == "parquet"
     if output is not None and not parquet:
         handle, writer, done = open_table(output, fmt, resume, overwrite)
