@@ -182,7 +182,10 @@ def quantize_int8(fp32: Path, int8: Path, calibration: torch.Tensor) -> Path:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = int8.with_name("prepared.onnx")
-    quant_pre_process(str(fp32), str(prepared))
+    try:
+        quant_pre_process(str(fp32), str(prepared))
+    except (TypeError, ValueError, KeyError):  # ORT's symbolic shapes miss some ops
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
     quantize_static(str(prepared), str(int8), _CalibrationReader(calibration, batch_size=1),
                     quant_format=QuantFormat.QDQ, per_channel=True,
                     op_types_to_quantize=list(INT8_OPS),
