@@ -58,3 +58,27 @@ def test_without_ray_the_message_names_the_extra(trained_run: Path, toy_data: Pa
     assert main(["predict", "--run", str(trained_run), str(toy_data / "test" / "good"),
                  "--engine", "ray", "--quiet"]) == 2
     assert 'pip install "anomap[ray]"' in capsys.readouterr().err
+
+
+def test_uris_and_a_ray_dataset_are_inputs_too(local_ray: None, trained_run: Path,
+                                               toy_data: Path, tmp_path: Path) -> None:
+    from anomap.scale import inspect_on_ray
+
+    photos = sorted((toy_data / "test" / "hole").glob("*.png"))[:3]
+    plain = tmp_path / "plain.jsonl"
+    assert main(["predict", "--run", str(trained_run), *map(str, photos), "--quiet",
+                 "--device", "cpu", "--output", str(plain)]) == 0
+    expected = [r["score"] for r in _rows(plain)]
+    uris = [p.resolve().as_uri() for p in photos] + ["file:///nowhere/missing.png"]
+    by_uri = tmp_path / "uris.jsonl"
+    assert main(["predict", "--run", str(trained_run), *uris, "--engine", "ray", "--quiet",
+                 "--output", str(by_uri)]) == 0
+    rows = _rows(by_uri)
+    assert [r["path"] for r in rows] == uris  # as given, // kept
+    assert [r["score"] for r in rows[:3]] == pytest.approx(expected, rel=1e-5)
+    assert rows[3]["verdict"] == "error" and "missing.png" in rows[3]["error"]
+    dataset = ray.data.from_items([{"path": str(p)} for p in photos])
+    from_dataset = tmp_path / "dataset.jsonl"
+    summary = inspect_on_ray(trained_run, dataset, from_dataset)
+    assert summary.scored == 3
+    assert [r["score"] for r in _rows(from_dataset)] == pytest.approx(expected, rel=1e-5)

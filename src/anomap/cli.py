@@ -220,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="score new images")
     predict.add_argument("--run", required=True, type=Path)
-    predict.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
+    predict.add_argument("inputs", nargs="+",
+                         help="image files or folders (with --engine ray also URIs: s3://, "
+                              "gs://, file://)")
     predict.add_argument("--out", type=Path, help="folder for overlay and mask PNGs")
     predict.add_argument("--format", default="jsonl", choices=["jsonl", "csv", "parquet"],
                          help="parquet: with --engine ray")
@@ -446,7 +448,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ValueError("--format parquet is written by --engine ray; use jsonl or csv")
     detector = Detector.load(args.run, args.device, args.precision, args.runtime)
     try:
-        summary = inspect_folder(detector, args.inputs, args.output, fmt=args.format,
+        summary = inspect_folder(detector, [Path(i) for i in args.inputs], args.output,
+                                 fmt=args.format,
                                  resume=args.resume, overwrite=args.overwrite,
                                  pictures=args.out, batch_size=args.batch_size,
                                  workers=args.workers, stream=sys.stdout,

@@ -21,6 +21,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from anomap.data import ImageReadError, load_image
 from anomap.inspection import (
     COLUMNS,
     Discovery,
@@ -47,18 +48,60 @@ class _Scorer:
         self.detector = Detector.load(run, "cpu", runtime=runtime)
         self.pictures = Path(pictures) if pictures else None
 
+    def _decode(self, path: str, relative: str) -> _Decoded:
+        found = FoundImage(Path(path), Path(relative))
+        if not is_uri(path):
+            return _decode(self.detector, found, self.pictures is not None)
+        try:  # s3://, gs://, hdfs://, file://: whatever pyarrow's file systems reach
+            from pyarrow import fs
+
+            filesystem, where = fs.FileSystem.from_uri(path)
+            with filesystem.open_input_stream(where) as stream:
+                photo = load_image(io.BytesIO(stream.read()), name=path)
+        except ImageReadError as error:
+            return _Decoded(found, error=error)
+        except (OSError, ValueError) as error:
+            return _Decoded(found, error=ImageReadError(f"{path}: cannot read ({error})",
+                                                        "cannot read"))
+        return _Decoded(found, self.detector.prepare(photo),
+                        np.asarray(photo) if self.pictures is not None else None)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        found = [FoundImage(Path(p), Path(r)) for p, r in zip(batch["path"], batch["relative"],
-                                                              strict=True)]
-        decoded: list[_Decoded] = [_decode(self.detector, f, self.pictures is not None)
-                                   for f in found]
+        paths = [str(p) for p in batch["path"]]
+        decoded = [self._decode(p, str(r)) for p, r in zip(paths, batch["relative"],
+                                                           strict=True)]
         good = [item for item in decoded if item.error is None]
         predictions = iter(self.detector.predict_prepared([i.prepared for i in good],
                                                           [str(i.found.path) for i in good]))
         rows = [_row(item, next(predictions) if item.error is None else None, self.pictures,
                      self.detector.display_range) for item in decoded]
+        for row, path in zip(rows, paths, strict=True):
+            row["path"] = path  # as given: a URI keeps its //
         return {"row": [_encode(row) for row in rows],
                 "reason": [item.error.reason if item.error else "" for item in decoded]}
+
+
+def is_uri(path: str) -> bool:
+    return "://" in str(path)
+
+
+def _records(inputs: Any) -> tuple[Any, Discovery]:
+    """(what Ray scores: a Dataset or a list of {path, relative}, what discovery left out).
+
+    ``inputs``: files and folders (as plain predict), URIs, or a Ray Dataset with a
+    ``path`` column."""
+    if hasattr(inputs, "map_batches"):  # a Ray Dataset
+        if "path" not in (inputs.columns() or []):
+            raise ValueError("a Ray Dataset to inspect needs a 'path' column")
+        return inputs.map(lambda r: {"path": str(r["path"]),
+                                     "relative": str(r["path"]).split("://")[-1].lstrip("/")}
+                          ), Discovery()
+    uris = [str(i) for i in inputs if is_uri(str(i))]
+    local = [i for i in inputs if not is_uri(str(i))]
+    found = find_images(local) if local else Discovery()
+    records = [{"path": str(f.path), "relative": str(f.relative)} for f in found.images]
+    records += [{"path": uri, "relative": uri.split("://", 1)[1].lstrip("/")} for uri in uris]
+    return records, found
 
 
 def _encode(row: dict[str, Any]) -> str:
@@ -72,12 +115,14 @@ def inspect_on_ray(run: str | Path, inputs: Sequence[str | Path], output: Path |
                    pictures: Path | None = None, batch_size: int = 8, actors: int = 2,
                    runtime: str = "auto", address: str | None = None,
                    stream: IO[str] | None = None) -> Summary:
-    """Score ``inputs`` (files and folders, as plain predict) on a Ray actor pool."""
+    """Score ``inputs`` on a Ray actor pool: files and folders (as plain predict),
+    URIs that pyarrow's file systems read (``s3://``, ``gs://``, ``file://``), or a
+    Ray Dataset with a ``path`` column."""
     import json
 
     ray = require("ray")
-    found: Discovery = find_images(inputs)
-    if not found.images:
+    records, found = _records(inputs)
+    if isinstance(records, list) and not records:
         raise FileNotFoundError(f"no images found in {', '.join(map(str, inputs))}")
     started = time.perf_counter()
     summary = Summary.of(found)
@@ -91,15 +136,17 @@ def inspect_on_ray(run: str | Path, inputs: Sequence[str | Path], output: Path |
 
         handle, done = None, set()
         writer = None if parquet else RowWriter(stream or io.StringIO(), fmt)
-    todo = [f for f in found.images if str(f.path) not in done]
-    summary.already_done = len(found.images) - len(todo)
     if not ray.is_initialized():
         ray.init(address=address, num_cpus=None if address else actors,
                  include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # the table in the inputs' order
-    dataset = ray.data.from_items([{"path": str(f.path), "relative": str(f.relative)}
-                                   for f in todo], override_num_blocks=max(1, actors * 4))
+    if isinstance(records, list):
+        todo = [r for r in records if r["path"] not in done]
+        summary.already_done = len(records) - len(todo)
+        dataset = ray.data.from_items(todo, override_num_blocks=max(1, actors * 4))
+    else:
+        dataset = records.filter(lambda r: r["path"] not in done) if done else records
     scored = dataset.map_batches(
         _Scorer, fn_constructor_args=(str(run), runtime, str(pictures) if pictures else None),
         batch_size=batch_size, concurrency=actors, num_cpus=1, batch_format="numpy")
