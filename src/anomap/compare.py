@@ -54,15 +54,8 @@ def _roc_overlay(names: list[str], tables: list[list[dict[str, Any]]]) -> bytes:
         scores = np.array([r["score"] for r in rows])
         fpr, tpr, _ = roc_curve(labels, scores)
         ax.plot(fpr, tpr, lw=2, label=f"{name} ({roc_auc_score(labels, scores):.3f})")
-    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--")
-    ax.set_xlabel("false positive rate (good rejected)", fontsize=8)
-    ax.set_ylabel("true positive rate (defects found)", fontsize=8)
-    ax.set_title("Image-level ROC", fontsize=9)
-    ax.tick_params(labelsize=7)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    return report._figure_png(fig)
+    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="chance")
+    return report.style_roc(fig, ax)
 
 
 def _png_uri(array: np.ndarray, box: int = 220) -> str:

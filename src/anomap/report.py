@@ -345,6 +345,11 @@ def _roc_png(labels: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[
     ax.plot(fpr, tpr, color="tab:blue", lw=2, label=f"ROC (AUROC = {auroc:.4f})")
     ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="chance")
     ax.plot([op_fpr], [op_tpr], "o", color="tab:red", ms=6, label=f"threshold {_fmt(threshold)}")
+    return style_roc(fig, ax), auroc
+
+
+def style_roc(fig: Figure, ax: Any) -> bytes:
+    """The ROC figure's axes, labels and legend (the report's and compare's), as PNG."""
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
     ax.set_xlabel("false positive rate (good rejected)", fontsize=8)
@@ -354,7 +359,7 @@ def _roc_png(labels: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
-    return _figure_png(fig), auroc
+    return _figure_png(fig)
 
 
 def _hist_png(

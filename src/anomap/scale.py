@@ -14,6 +14,7 @@ paths.
 from __future__ import annotations
 
 import io
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,7 +78,7 @@ class _Scorer:
                      self.detector.display_range) for item in decoded]
         for row, path in zip(rows, paths, strict=True):
             row["path"] = path  # as given: a URI keeps its //
-        return {"row": [_encode(row) for row in rows],
+        return {"row": [json.dumps(row) for row in rows],
                 "reason": [item.error.reason if item.error else "" for item in decoded]}
 
 
@@ -104,12 +105,6 @@ def _records(inputs: Any) -> tuple[Any, Discovery]:
     return records, found
 
 
-def _encode(row: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(row)
-
-
 def inspect_on_ray(run: str | Path, inputs: Sequence[str | Path], output: Path | None = None,
                    *, fmt: str = "jsonl", resume: bool = False, overwrite: bool = False,
                    pictures: Path | None = None, batch_size: int = 8, actors: int = 2,
@@ -118,8 +113,6 @@ def inspect_on_ray(run: str | Path, inputs: Sequence[str | Path], output: Path |
     """Score ``inputs`` on a Ray actor pool: files and folders (as plain predict),
     URIs that pyarrow's file systems read (``s3://``, ``gs://``, ``file://``), or a
     Ray Dataset with a ``path`` column."""
-    import json
-
     ray = require("ray")
     records, found = _records(inputs)
     if isinstance(records, list) and not records:

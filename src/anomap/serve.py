@@ -178,9 +178,14 @@ class Batcher:
 class ServedModel:
     name: str
     detector: Detector
-    source: Path  # where it was loaded from (never shown to clients as a path to open)
+    source: Path | None  # its folder (never shown to clients); None for a Detector given
     batcher: Batcher | None = None
     metrics: dict[str, Any] | None = None
+
+    @property
+    def report(self) -> Path | None:
+        page = self.source / "report.html" if self.source else None
+        return page if page and page.is_file() else None
 
     def describe(self) -> dict[str, Any]:
         config = self.detector.config
@@ -191,8 +196,7 @@ class ServedModel:
             "threshold": self.detector.threshold,
             "pixel_threshold": self.detector.pixel_threshold,
             "display_range": list(self.detector.display_range),
-            "report": f"/v1/models/{self.name}/report"
-            if (self.source / "report.html").is_file() else None,
+            "report": f"/v1/models/{self.name}/report" if self.report else None,
         }
         if self.metrics:
             info["test_metrics"] = {k: self.metrics.get(k) for k in (
@@ -242,9 +246,10 @@ def create_app(models: dict[str, Detector | str | Path], settings: ServeSettings
     for name, source in models.items():
         detector = source if isinstance(source, Detector) else Detector.load(
             source, device, runtime=runtime)
-        folder = Path(source) if not isinstance(source, Detector) else Path(".")
-        metrics_file = folder / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+        folder = None if isinstance(source, Detector) else Path(source)
+        metrics_file = folder / "metrics.json" if folder else None
+        metrics = (json.loads(metrics_file.read_text())
+                   if metrics_file and metrics_file.is_file() else None)
         served[name] = ServedModel(name, detector, folder, metrics=metrics)
     pictures = PictureStore(settings.picture_url_seconds)
     registry = CollectorRegistry()
@@ -399,9 +404,8 @@ def create_app(models: dict[str, Detector | str | Path], settings: ServeSettings
 
     @app.get("/v1/models/{name}/report")
     async def model_report(name: str) -> HTMLResponse:
-        model = model_named(name)
-        page = model.source / "report.html"
-        if not page.is_file():
+        page = model_named(name).report
+        if page is None:
             raise ServiceError(404, "no_report", f"model {name!r} has no test report")
         return HTMLResponse(page.read_text())
 

@@ -38,9 +38,10 @@ def _differs(image: torch.Tensor) -> np.ndarray:
     return np.abs(blurred - background[:, None, None]).max(axis=0) > THRESHOLD
 
 
-def foreground_mask(image: torch.Tensor) -> np.ndarray:
-    """(3, H, W) in [0, 1] -> (H, W) bool: the largest region unlike the corner."""
-    differs = _differs(image)
+def foreground_mask(image: torch.Tensor, differs: np.ndarray | None = None) -> np.ndarray:
+    """(3, H, W) in [0, 1] -> (H, W) bool: the largest region unlike the corner
+    (``differs``: :func:`_differs` of the image, when the caller has it)."""
+    differs = _differs(image) if differs is None else differs
     labels, count = ndimage.label(differs)
     if count == 0:
         return differs
@@ -55,7 +56,7 @@ def decide_foreground(images: torch.Tensor) -> tuple[bool, str]:
         differs = _differs(image)
         ring = np.concatenate([differs[0], differs[-1], differs[:, 0], differs[:, -1]])
         border.append(float(ring.mean()))
-        share.append(float(foreground_mask(image).mean()))
+        share.append(float(foreground_mask(image, differs).mean()))
     border_median, share_median = float(np.median(border)), float(np.median(share))
     use = border_median <= BORDER_SHARE and OBJECT_SHARE[0] <= share_median <= OBJECT_SHARE[1]
     if use:
