@@ -1,8 +1,8 @@
 """Accuracy benchmark on the Magnetic Tile Defect data (MVTec layout).
 
 Trains one configuration with the generic loop, evaluates it on the test split
-and writes ``benchmarks/results/<name>.json`` (metrics, training time, the
-configuration and the exact command). The README and docs/mtd.md quote these files.
+and writes ``benchmarks/results/mtd/<name>.json`` (metrics, training time, the
+configuration and the exact command). The README and docs/results/mtd.md quote these files.
 
     python benchmarks/mtd_accuracy.py --name stpm_lite0_letterbox_e100
     python benchmarks/mtd_accuracy.py --name stpm_lite0_stretch_e20 --resize-mode stretch \
@@ -59,7 +59,10 @@ def training_curve(history: list[dict[str, Any]]) -> dict[str, list[float]]:
 
 
 def result_path(name: str) -> Path:
-    return ROOT / "results" / f"{name}.json"
+    """results/<name>.json; a bare name is an accuracy record on MTD (results/mtd/),
+    others name their folder (``diagnostics/...``, ``speed/...``)."""
+    folder_and_name = name if "/" in name else f"mtd/{name}"
+    return ROOT / "results" / f"{folder_and_name}.json"
 
 
 def save_result(record: dict[str, Any]) -> Path:
@@ -103,7 +106,7 @@ def main() -> None:
     parser.add_argument("--map-strides", type=int, nargs="+", default=None,
                         help="STPM levels whose product is the map (default: all)")
     parser.add_argument("--score-window", type=int, default=None,
-                        help="image score window (default: the method's; see docs/mtd.md)")
+                        help="image score window (default: the method's; see docs/results/mtd.md)")
     parser.add_argument("--image-score", default=None, choices=IMAGE_SCORES,
                         help="max of the windowed map (default) or mean of the map")
     parser.add_argument("--epochs", type=int, default=None)
@@ -118,7 +121,8 @@ def main() -> None:
     parser.add_argument("--resize-mode", default=None,
                         help="letterbox (default), mirror or stretch; a resumed run keeps its own")
     parser.add_argument("--margin", type=int, default=None,
-                        help="pixels of padding kept around the photo (default 0; see docs/mtd.md)")
+                        help="pixels of padding kept around the photo (default 0; "
+                             "see docs/results/mtd.md)")
     parser.add_argument("--preset", default="auto",
                         help="the method's preset (anomap train --help lists them) "
                              "or auto (paper or cpu by device)")

@@ -39,6 +39,7 @@ from anomap.synth import make_anomaly_source, synthesize
 from anomap.train import build_optimizer
 
 ROOT = Path(__file__).resolve().parent
+DEFAULT_OUT = ROOT / "results" / "speed" / "speed.json"
 DEFAULT_DATA = ROOT.parents[1] / "shared" / "data" / "mtd"
 
 
@@ -177,7 +178,7 @@ def main() -> None:
     parser.add_argument("--batches", nargs="*", type=int, default=[1, 8],
                         help="inference batch sizes (the recipe's is always added); "
                              "none given: training only")
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "speed.json")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     device = torch.device(args.device)
     # Random weights can produce denormal floats, which a trained model does not:
@@ -197,7 +198,7 @@ def main() -> None:
             ["python benchmarks/speed.py --models", spec]
             + ([f"--size {args.size}"] if args.size != 256 else [])
             + ([] if args.batches else ["--batches"])
-            + ([f"--out {args.out}"] if args.out != ROOT / "results" / "speed.json" else []))
+            + ([f"--out {args.out}"] if args.out != DEFAULT_OUT else []))
         record["results"][spec] = entry
     record.update({
         "size": args.size,

@@ -1,17 +1,39 @@
-"""Print the tables of docs/mtd.md and docs/speed.md (markdown) from benchmarks/results/*.json.
+"""The docs' tables, made from the JSON in benchmarks/results/ (mtd/, speed/, diagnostics/).
 
-    python benchmarks/summarize.py
+Each generated table sits in a markdown file between ``<!-- summarize: NAME -->`` and
+``<!-- /summarize -->``; ``--write`` refreshes them all, ``--check`` lists the stale
+ones (tests/test_docs.py runs it), so a quoted number cannot drift from its evidence.
+
+    python benchmarks/summarize.py              # print every table
+    python benchmarks/summarize.py --write      # refresh README.md and docs/
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from anomap.data import describe_geometry
 from anomap.methods import METHODS
 
-RESULTS = Path(__file__).resolve().parent / "results"
+BENCHMARKS = Path(__file__).resolve().parent
+RESULTS = BENCHMARKS / "results"
+MTD = RESULTS / "mtd"
+SPEED = RESULTS / "speed"
+DIAGNOSTICS = RESULTS / "diagnostics"
+REPOSITORY = BENCHMARKS.parent
+#: a block: its opening line, a body that holds no other marker (it may be empty), its end
+BLOCK = re.compile(r"(<!-- summarize: (?P<name>[\w./-]+) -->\n)"
+                   r"(?P<body>(?:(?!<!-- /?summarize)[\s\S])*?)\n?(<!-- /summarize -->)")
+
+
+def mtd_record(name: str) -> dict:
+    return json.loads((MTD / f"{name}.json").read_text())
 
 
 def _fmt(value: object) -> str:
@@ -23,7 +45,9 @@ def _model(config: dict) -> str:
     widths and texture source."""
     model = config["model"]
     if "backbone" in model:
-        text = f"{model['backbone']}, strides {'/'.join(map(str, model['strides']))}"
+        text = model["backbone"]
+        if model.get("strides"):
+            text += f", strides {'/'.join(map(str, model['strides']))}"
         if model.get("map_strides"):
             text += f", map {'/'.join(map(str, model['map_strides']))}"
         for phrase in METHODS[config["method"]].describe_options(model):
@@ -58,10 +82,8 @@ def accuracy_table() -> str:
     lines = ["| run | method | model | input | epochs (kept) | batch | lr | image AUROC "
              "| pixel AUROC | AUPRO | F1-max | train ms/img | command |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for path in sorted(RESULTS.glob("*.json")):
+    for path in sorted(MTD.glob("*.json")):
         record = json.loads(path.read_text())
-        if "metrics" not in record:  # speed files
-            continue
         m, config = record["metrics"], record["config"]
         lines.append(
             f"| {record['name']} | {config['method']} | {_model(config)} "
@@ -75,7 +97,7 @@ def accuracy_table() -> str:
 
 
 def per_type_table() -> str:
-    records = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+    records = [json.loads(p.read_text()) for p in sorted(MTD.glob("*.json"))]
     records = [r for r in records if r.get("per_defect_type_image_auroc")]
     if not records:
         return ""
@@ -121,7 +143,7 @@ def score_window_table() -> str:
     """Image AUROC per image-score window, one row per trained run
     (``benchmarks/score_window.py``)."""
     lines: list[str] = []
-    for path in sorted((RESULTS / "diagnostics").glob("score_window*.json")):
+    for path in sorted(DIAGNOSTICS.glob("score_window*.json")):
         for run, entry in json.loads(path.read_text())["runs"].items():
             windows = entry["windows"]
             if not lines:
@@ -137,7 +159,7 @@ def score_window_table() -> str:
 def precision_table() -> str:
     """float32 against bfloat16 on trained runs (``benchmarks/precision.py``)."""
     lines: list[str] = []
-    for path in sorted((RESULTS / "diagnostics").glob("precision*.json")):
+    for path in sorted(DIAGNOSTICS.glob("precision*.json")):
         for run, e in json.loads(path.read_text())["runs"].items():
             if not lines:
                 lines = ["| run | image AUROC fp32 / bf16 | pixel AUROC | AUPRO | F1-max "
@@ -155,7 +177,7 @@ def precision_table() -> str:
 #: interleaved one-sitting runs of ``speed.py --models stpm:efficientnet_lite0 --precisions
 #: fp32``, in the order run (N_...): before = commit f61472a, system_malloc =
 #: ANOMAP_SYSTEM_MALLOC=1, after = this code
-BEFORE_AFTER = RESULTS / "diagnostics" / "speed_before_after"
+BEFORE_AFTER = DIAGNOSTICS / "speed_before_after"
 
 
 def before_after_table() -> str:
@@ -173,9 +195,260 @@ def before_after_table() -> str:
     return "\n".join(lines)
 
 
+def _link(name: str, here: Path) -> str:
+    """A relative markdown link from the page in ``here`` to mtd/<name>.json."""
+    target = Path("../" * len(here.relative_to(REPOSITORY).parts)) / (MTD / f"{name}.json"
+                                                                       ).relative_to(REPOSITORY)
+    return f"[{name}]({target.as_posix()})"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One curated row: a label a reader understands and the MTD record behind it."""
+
+    label: str
+    name: str
+    max_name: str | None = None  # FractalAD: the same run read with the max as image score
+    note: str = ""
+    speed: tuple[str, str] | None = None  # (speed/<file>.json, model key): one-sitting speed
+
+
+def _end_to_end(row: Row, record: dict) -> str:
+    """Batch-8 end-to-end images/s from a one-sitting speed file when the row names one,
+    else what ``anomap test`` measured (marked: other jobs may have shared the CPU)."""
+    if row.speed is None:
+        return f"{record['metrics']['images_per_second']:.1f} †"
+    file, key = row.speed
+    entry = json.loads((SPEED / f"{file}.json").read_text())["results"][key]
+    b8 = next(r for r in entry["inference"] if r["batch"] == 8 and r["precision"] == "fp32")
+    return f"{b8['end_to_end_images_per_second']:.1f}"
+
+
+#: the README's results table: MTD, one row per method and recipe (¹ ² ³ are the
+#: README's footnotes: settings chosen after seeing the test split, and so on)
+README_ROWS = [
+    Row("STPM, paper recipe", "stpm_lite0_letterbox_e100",
+        speed=("speed_methods", "stpm:efficientnet_lite0")),
+    Row("STPM, `--preset large-defects` ¹",
+        "stpm_lite0_strides8-32_b8_e100_lr-step80-90_map32_mean_position"),
+    Row("STPM, `--preset large-defects`, 300 epochs ¹",
+        "stpm_lite0_strides8-32_b8_e300_lr-step80-90_map32_mean_position"),
+    Row("DRAEM, `--preset cpu` (128 px, narrow networks)", "draem_cpu",
+        speed=("speed_128", "draem:cpu")),
+    Row("RSTPM, paper recipe (Lite1 second teacher)", "rstpm_lite0-lite1_e100",
+        speed=("speed_methods", "rstpm:paper")),
+    Row("STPM, paper recipe", "stpm_lite0_e10", speed=("speed_methods", "stpm:efficientnet_lite0")),
+    Row("RSTPM, paper recipe", "rstpm_lite0-lite1_e10", speed=("speed_methods", "rstpm:paper")),
+    Row("FractalAD, paper recipe", "fractalad_lite0_e10",
+        speed=("speed_methods", "fractalad:paper")),
+    Row("FractalAD, `--distillation off` ²", "fractalad_lite0_nodistill_e10"),
+]
+
+
+def readme_results(here: Path = REPOSITORY) -> str:
+    lines = ["| MTD, Lite0 teacher, 256 px letterbox, seed 0 | epochs | image AUROC | pixel AUROC "
+             "| AUPRO | training min | img/s end to end, batch 8 | evidence |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in README_ROWS:
+        if not (MTD / f"{row.name}.json").exists():
+            continue
+        r = mtd_record(row.name)
+        m = r["metrics"]
+        lines.append(f"| {row.label} | {r['epochs']} | {_fmt(m['image_auroc'])} "
+                     f"| {_fmt(m['pixel_auroc'])} | {_fmt(m['aupro'])} "
+                     f"| {r['train_seconds'] / 60:.0f} | {_end_to_end(row, r)} "
+                     f"| {_link(row.name, here)} |")
+    return "\n".join(lines)
+
+
+#: method -> (what it learns, use it for, its CPU preset, paper-recipe record, best record)
+METHOD_ROWS = {
+    "stpm": ("a student copies a frozen ImageNet teacher's feature pyramid on normal images; "
+             "where they disagree is the anomaly",
+             "the default: fast, small defects; `--preset large-defects` for large, "
+             "low-contrast ones on textures", "`paper` runs in minutes",
+             "stpm_lite0_letterbox_e100",
+             "stpm_lite0_strides8-32_b8_e100_lr-step80-90_map32_mean_position"),
+    "rstpm": ("STPM's pair plus a second teacher (Lite1) whose pyramid a decoder rebuilds "
+              "from teacher 1's deepest features, with attention gates; six maps fused",
+              "more accuracy than STPM at 2-3x its cost", "`paper`",
+              "rstpm_lite0-lite1_e10", "rstpm_lite0-lite1_e100"),
+    "fractalad": ("pastes fractal-shaped patches of each image into itself and segments them "
+                  "from where a student stops matching a frozen teacher",
+                  "objects and textures; learns what a defect looks like",
+                  "`paper` (`--distillation off` halves training)",
+                  "fractalad_lite0_e10", None),
+    "draem": ("a network paints synthetic defects away; a U-Net segments where input and "
+              "reconstruction differ", "nothing pretrained allowed; a GPU for the paper recipe",
+              "`cpu` (narrow, 128 px, 25 epochs)", None, "draem_cpu"),
+}
+
+
+def methods_table(here: Path = REPOSITORY) -> str:
+    lines = ["| method | what it learns | use it for | on a CPU | MTD image AUROC: paper recipe "
+             "/ best preset |", "|---|---|---|---|---|"]
+    for method, (learns, use, cpu, paper, best) in METHOD_ROWS.items():
+        cells = []
+        for name in (paper, best):
+            if name is None or not (MTD / f"{name}.json").exists():
+                cells.append("-")
+                continue
+            r = mtd_record(name)
+            cells.append(f"[{_fmt(r['metrics']['image_auroc'])}]"
+                         f"({_link(name, here).split('](')[1]} ({r['epochs']} epochs)")
+        lines.append(f"| `{method}` | {learns} | {use} | {cpu} | {' / '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def _synthetic_check(name: str) -> str:
+    path = DIAGNOSTICS / "synthetic_check_mtd.json"
+    entry = json.loads(path.read_text())["runs"].get(name) if path.exists() else None
+    if entry is None:
+        return "-"
+    return f"{entry['synthetic_image_auroc']:.3f} / {entry['synthetic_pixel_auroc']:.3f}"
+
+
+RSTPM_ROWS = [
+    Row("STPM alone (levels 4/8/16), seed 0", "stpm_lite0_e10"),
+    Row("STPM alone, seed 1", "stpm_lite0_e10_seed1"),
+    Row("RSTPM seed 0 read as pair 1 only (`--fusion pair1`: the STPM inside the run)",
+        "rstpm_lite0-lite1_e10_pair1"),
+    Row("RSTPM seed 1 read as pair 1 only", "rstpm_lite0-lite1_e10_seed1_pair1"),
+    Row("**RSTPM default** (pair 2 Lite1, attention, normal images, level-sum), seed 0",
+        "rstpm_lite0-lite1_e10"),
+    Row("**RSTPM default**, seed 1", "rstpm_lite0-lite1_e10_seed1"),
+    Row("1. pair 2's teacher the same network as pair 1's (Lite0)", "rstpm_lite0-lite0_e10"),
+    Row("1. pair 2's teacher Lite2", "rstpm_lite0-lite2_e10"),
+    Row("2. no attention (`--attention off`)", "rstpm_lite0-lite1_noattn_e10"),
+    Row("3. pair 2 on synthetic anomalies (`--pair2-training synthetic`)",
+        "rstpm_lite0-lite1_synthetic_e10"),
+    Row("4. fusion: product of all six (`anomap retune --fusion product`)",
+        "rstpm_lite0-lite1_e10_product"),
+    Row("4. fusion: pair-sum", "rstpm_lite0-lite1_e10_pair-sum"),
+    Row("4. pair 2 alone (`--fusion pair2`)", "rstpm_lite0-lite1_e10_pair2"),
+]
+
+
+def rstpm_ablation(here: Path = REPOSITORY) -> str:
+    lines = ["| row (seed 0 unless said) | synthetic check: image / pixel AUROC | test: image "
+             "AUROC | pixel AUROC | AUPRO | training, ms per image | command |",
+             "|---|---|---|---|---|---|---|"]
+    for row in RSTPM_ROWS:
+        r = mtd_record(row.name)
+        m = r["metrics"]
+        lines.append(f"| {row.label} | {_synthetic_check(row.name)} | {_fmt(m['image_auroc'])} "
+                     f"| {_fmt(m['pixel_auroc'])} | {_fmt(m['aupro'])} "
+                     f"| {r['train_ms_per_image']} | `{r['command']}` |")
+    return "\n".join(lines)
+
+
+FRACTALAD_ROWS = [
+    Row("FractalAD, distillation on (the paper's setting for objects)", "fractalad_lite0_e10",
+        "fractalad_lite0_e10_max"),
+    Row("FractalAD, `--distillation off` (the paper's setting for textures; MTD is one)",
+        "fractalad_lite0_nodistill_e10", "fractalad_lite0_nodistill_e10_max"),
+    Row("FractalAD, `--anomalies perlin` (DRAEM's anomalies instead of the fractal patches; "
+        "distillation on)", "fractalad_lite0_perlin_e10", note=" (another job shared the CPU)"),
+]
+
+
+def fractalad_ablation(here: Path = REPOSITORY) -> str:
+    lines = ["| | image AUROC, score = mean / max | pixel AUROC | AUPRO | training ms per image "
+             "| command |", "|---|---|---|---|---|---|"]
+    for row in FRACTALAD_ROWS:
+        r = mtd_record(row.name)
+        m = r["metrics"]
+        by_max = (_fmt(mtd_record(row.max_name)["metrics"]["image_auroc"])
+                  if row.max_name else "-")
+        lines.append(f"| {row.label} | {_fmt(m['image_auroc'])} / {by_max} "
+                     f"| {_fmt(m['pixel_auroc'])} | {_fmt(m['aupro'])} "
+                     f"| {r['train_ms_per_image']}{row.note} | `{r['command']}` |")
+    return "\n".join(lines)
+
+
+def runtimes_table(run: str) -> str:
+    """One trained run through every runtime (``benchmarks/runtimes.py``)."""
+    entry = json.loads((SPEED / "runtimes.json").read_text())[run]
+    lines = ["| runtime | precision | model img/s b1 | model img/s b8 | end to end b8, same "
+             "thread | end to end b8, decode pool | GFLOP/s (b8 model) | peak RSS MiB "
+             "| image AUROC | pixel AUROC | AUPRO |", "|---" * 11 + "|"]
+    for variant, e in entry.items():
+        runtime, precision = variant.split("-")
+        b1, b8 = e["batches"]
+        lines.append(
+            f"| {runtime} | {precision} | {b1['model_images_per_second']:.1f} "
+            f"| {b8['model_images_per_second']:.1f} | {b8['end_to_end_images_per_second']:.1f} "
+            f"| {e['inspection_batch8_images_per_second']:.1f} "
+            f"| {b8['model_gflop_per_second']:.1f} | {e['peak_rss_mib']:.0f} "
+            f"| {e['image_auroc']:.4f} | {e['pixel_auroc']:.4f} | {e['aupro']:.4f} |")
+    return "\n".join(lines)
+
+
+def _runtime_runs() -> list[str]:
+    path = SPEED / "runtimes.json"
+    record = json.loads(path.read_text()) if path.exists() else {}
+    return [key for key, value in record.items() if isinstance(value, dict)]
+
+
+def tables() -> dict[str, Callable[[Path], str]]:
+    """Every generated table by the name its block carries; each takes the folder of the
+    page it is written into (for relative links)."""
+    named: dict[str, Callable[[Path], str]] = {
+        "readme-results": readme_results, "methods": methods_table,
+        "rstpm-ablation": rstpm_ablation, "fractalad-ablation": fractalad_ablation,
+        "all-runs": lambda here: accuracy_table(), "per-type": lambda here: per_type_table(),
+        "score-window": lambda here: score_window_table(),
+        "precision": lambda here: precision_table(),
+        "speed-before-after": lambda here: before_after_table()}
+    for run in _runtime_runs():
+        named[f"runtimes/{run}"] = lambda here, run=run: runtimes_table(run)
+    for path in sorted(SPEED.glob("speed*.json")):
+        named[f"speed/{path.stem}"] = lambda here, path=path: speed_table(path)
+    return named
+
+
+def pages() -> list[Path]:
+    return [REPOSITORY / "README.md", *sorted((REPOSITORY / "docs").rglob("*.md"))]
+
+
+def refreshed(page: Path) -> tuple[str, list[str]]:
+    """The page with every block regenerated, and the names of the blocks that changed.
+    An unknown block name is an error, so a renamed table cannot silently go stale."""
+    text = page.read_text()
+    named = tables()
+    changed: list[str] = []
+
+    def replace(match: re.Match) -> str:
+        name = match["name"]
+        if name not in named:
+            raise KeyError(f"{page}: no table named {name!r} (known: {', '.join(named)})")
+        body = named[name](page.parent)
+        if body != match["body"]:
+            changed.append(name)
+        return match.group(1) + body + "\n" + match.group(4)
+
+    return BLOCK.sub(replace, text), changed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--write", action="store_true", help="refresh the blocks in place")
+    action.add_argument("--check", action="store_true", help="exit 1 if a block is stale")
+    args = parser.parse_args()
+    if not (args.write or args.check):
+        for name, make in tables().items():
+            print(f"<!-- summarize: {name} -->\n{make(REPOSITORY)}\n")
+        return 0
+    stale = []
+    for page in pages():
+        text, changed = refreshed(page)
+        stale += [f"{page.relative_to(REPOSITORY)}: {name}" for name in changed]
+        if args.write and changed:
+            page.write_text(text)
+    print("\n".join(stale) or "every table is current")
+    return 1 if stale and args.check else 0
+
+
 if __name__ == "__main__":
-    speed = [speed_table(path) for path in sorted(RESULTS.glob("speed*.json"))]
-    for table in (accuracy_table(), per_type_table(), score_window_table(),
-                  precision_table(), before_after_table(), *speed):
-        if table:
-            print(table, end="\n\n")
+    sys.exit(main())

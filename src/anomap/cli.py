@@ -42,7 +42,7 @@ def _add_inference_args(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--map-strides", type=int, nargs="+",
                         help="STPM, RSTPM: the trained levels whose maps make the anomaly map "
-                             "(default: all of --strides; see docs/mtd.md)")
+                             "(default: all of --strides; see docs/results/mtd.md)")
     parser.add_argument("--score-window", type=int,
                         help="with --image-score max: image score = max of the map after a "
                              "KxK mean filter (odd K; default: the method's, STPM 1 = plain "
@@ -55,7 +55,7 @@ def _add_inference_args(parser: argparse.ArgumentParser) -> None:
                         help="max: the hottest --score-window region (default but for "
                              "preset large-defects); mean: the mean of the whole map, for "
                              "large, faint defects, best with --map-normalization position "
-                             "(docs/mtd.md)")
+                             "(docs/results/mtd.md)")
 
 
 def _add_calibration_args(parser: argparse.ArgumentParser, retuning: bool) -> None:
@@ -69,7 +69,7 @@ def _add_calibration_args(parser: argparse.ArgumentParser, retuning: bool) -> No
     parser.add_argument("--map-normalization", choices=NORMALIZATIONS,
                         help="position: read each map position in standard deviations of the "
                              "held-out normal maps there; helps where photos share a frame "
-                             "(docs/mtd.md) (default: "
+                             "(docs/results/mtd.md) (default: "
                              + ("the run's)" if retuning else "the preset's, none but for STPM's "
                                                 "large-defects; on --resume the run's)"))
 
@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--weights", help="teacher weights: 'imagenet' (default) or a .pth file")
     model.add_argument("--strides", type=int, nargs="+",
                        help="STPM, RSTPM: feature-pyramid levels as strides (default 4 8 16, the "
-                            "paper's; 8 16 32 suits large, low-contrast defects, see docs/mtd.md)")
+                            "paper's; 8 16 32 suits large, low-contrast defects, see "
+                            "docs/results/mtd.md)")
     model.add_argument("--second-backbone",
                        help="RSTPM: pair 2's teacher, another network than --backbone "
                             "(default efficientnet_lite1; resnet50 with --second-weights FILE)")
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--preset", default="auto",
                        help="a named starting point that single options then change "
                             f"({presets}): paper is faithful, cpu fits a method too heavy "
-                            "for a CPU, large-defects is STPM's best on MTD (docs/mtd.md); "
+                            "for a CPU, large-defects is STPM's best on MTD (docs/results/mtd.md); "
                             "auto (default): the method's cpu preset on a CPU if it has one, "
                             "else paper")
     model.add_argument("--anomaly-source",
@@ -285,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser(
         "compare", help="put tested runs side by side on one HTML page")
-    compare.add_argument("runs", nargs="+", type=Path, help="run folders, each tested")
+    compare.add_argument("runs", nargs="+", metavar="[NAME=]RUN",
+                         help="run folders, each tested; NAME= labels a run (default: its "
+                              "folder's name)")
     compare.add_argument("--out", required=True, type=Path, help="HTML file to write")
     compare.add_argument("-n", type=int, default=12,
                          help="images where the runs disagree most, shown (default 12)")
@@ -516,7 +519,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from anomap.compare import compare_runs
 
-    print(f"wrote {compare_runs(args.runs, args.out, n_images=args.n, device=args.device)}")
+    named = [item.rpartition("=") if "=" in item else ("", "", item) for item in args.runs]
+    runs = [Path(path) for _, _, path in named]
+    names = [name or run.name for (name, _, _), run in zip(named, runs, strict=True)]
+    print(f"wrote {compare_runs(runs, args.out, names=names, n_images=args.n, device=args.device)}")
     return 0
 
 

@@ -73,6 +73,8 @@ def compare_runs(runs: list[str | Path], out: str | Path, *, names: list[str] | 
     if len(runs) < 2:
         raise ValueError("compare needs at least two runs")
     names = names or [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two runs share a name ({', '.join(names)}): label them NAME=RUN")
     tested = [_tested(r) for r in runs]
     metrics = [m for m, _ in tested]
     common = set.intersection(*({row["path"] for row in rows} for _, rows in tested))

@@ -5,7 +5,7 @@ times; flipping or turning them shows it more normal texture for the same
 data. It only makes sense where a flipped or turned normal photo is still
 normal (textures without a direction, parts that may lie any way round), so it
 is off by default: on MTD, whose tiles are photographed one way up, flips cost
-0.06 image AUROC (docs/mtd.md).
+0.06 image AUROC (docs/results/mtd.md).
 
 ``flip`` flips each image left-right and/or top-bottom (4 orientations);
 ``dihedral`` also swaps the axes (8: every flip and 90-degree turn). Inputs are

@@ -9,7 +9,7 @@ stretched to S x S) is read as (map - mean) / std, the mean and standard
 deviation of the held-out normal images' maps at that position; the score and
 threshold are then in standard deviations of what is normal *there*.
 
-Measured on MTD (docs/mtd.md): 0.01-0.06 more image AUROC on every model tried,
+Measured on MTD (docs/results/mtd.md): 0.01-0.06 more image AUROC on every model tried,
 about 0.02 less pixel AUROC and 0.05 less AUPRO. It suits data whose photos share a frame (tiles,
 aligned parts); it needs enough held-out images to estimate a spread at each
 position (at least ``MIN_IMAGES``; a hundred or more is better).

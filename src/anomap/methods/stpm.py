@@ -12,13 +12,13 @@ weight decay 1e-4, batch 32, 100 epochs; map = product over levels of the
 per-position 1/2 * squared distance (we use the squared distance, as the
 loss does), bilinearly upsampled; image score = max of the map. Option
 ``score_window`` (default 1, the paper's) takes the max after a KxK mean
-filter instead; 21 scored better on every model measured (docs/mtd.md).
+filter instead; 21 scored better on every model measured (docs/results/mtd.md).
 ``image_score="mean"`` takes the mean of the whole map: on MTD, with the map
 read per position, it beat the 21x21 window on all six models measured. Option
 ``map_strides`` builds the map from some of the trained levels only: all
 levels are still trained (the finest helps the student learn), but on MTD
 the map without the stride-8 level scored better on five of six models and
-level on the sixth (docs/mtd.md).
+level on the sixth (docs/results/mtd.md).
 
 Preset ``large-defects`` is the best recipe measured on MTD (large,
 low-contrast defects on a brushed texture): levels 8/16/32, batch 8, lr x0.1
