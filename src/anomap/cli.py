@@ -16,23 +16,30 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError, ValueError, RuntimeError, PermissionError)
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """One line per flag where the text allows, the same on every terminal (so the
+    generated docs/cli.md does not depend on who ran it)."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30, width=100)
+
+
 def _add_data_args(parser: argparse.ArgumentParser, required: bool) -> None:
-    parser.add_argument("--data", required=required, type=Path,
-                        help="an MVTec AD category folder, or a folder of defect-free images")
-    parser.add_argument("--defect-dir", type=Path,
-                        help="plain-folder layout: folder of defective test images")
-    parser.add_argument("--mask-dir", type=Path,
-                        help="plain-folder layout: masks named <stem>.png or <stem>_mask.png")
-    parser.add_argument("--test-normal-dir", type=Path,
-                        help="plain-folder layout: folder of defect-free test images")
+    parser.add_argument("--data", required=required, type=Path, metavar="DIR",
+                        help="an MVTec AD category, or a folder of defect-free images")
+    parser.add_argument("--defect-dir", type=Path, metavar="DIR",
+                        help="plain folders: defective test images")
+    parser.add_argument("--mask-dir", type=Path, metavar="DIR",
+                        help="plain folders: masks named <stem>.png or <stem>_mask.png")
+    parser.add_argument("--test-normal-dir", type=Path, metavar="DIR",
+                        help="plain folders: defect-free test images")
 
 
 def _add_precision_arg(parser: argparse.ArgumentParser) -> None:
     from anomap.export import PRECISIONS
 
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                        help="bf16: about 2x faster on a CPU with native bfloat16, noisier "
-                             "maps; auto: bf16 where native, else fp32 (default: fp32)")
+                        help="fp32 (default); bf16: ~2x faster where native, noisier maps")
 
 
 def _add_inference_args(parser: argparse.ArgumentParser) -> None:
@@ -40,22 +47,14 @@ def _add_inference_args(parser: argparse.ArgumentParser) -> None:
     from anomap.methods.base import IMAGE_SCORES
     from anomap.methods.rstpm import FUSIONS
 
-    parser.add_argument("--map-strides", type=int, nargs="+",
-                        help="STPM, RSTPM: the trained levels whose maps make the anomaly map "
-                             "(default: all of --strides; see docs/results/mtd.md)")
-    parser.add_argument("--score-window", type=int,
-                        help="with --image-score max: image score = max of the map after a "
-                             "KxK mean filter (odd K; default: the method's, STPM 1 = plain "
-                             "max, DRAEM 21)")
-    parser.add_argument("--fusion", choices=FUSIONS,
-                        help="RSTPM: how the six maps become one: level-sum (default; the two "
-                             "pairs' maps of a level added, the sums multiplied), product (all "
-                             "six multiplied) or pair-sum (each pair's product, added)")
+    parser.add_argument("--map-strides", type=int, nargs="+", metavar="S",
+                        help="STPM, RSTPM: trained levels read into the map (default all)")
+    parser.add_argument("--score-window", type=int, metavar="K",
+                        help="image score = max of the map's KxK means (odd; STPM 1, DRAEM 21)")
+    parser.add_argument("--fusion", choices=FUSIONS, metavar="RULE",
+                        help="RSTPM: " + ", ".join(FUSIONS) + " (default level-sum)")
     parser.add_argument("--image-score", choices=IMAGE_SCORES,
-                        help="max: the hottest --score-window region (default but for "
-                             "preset large-defects); mean: the mean of the whole map, for "
-                             "large, faint defects, best with --map-normalization position "
-                             "(docs/results/mtd.md)")
+                        help="max: the hottest window (default); mean: of the whole map")
 
 
 def _add_calibration_args(parser: argparse.ArgumentParser, retuning: bool) -> None:
@@ -63,30 +62,25 @@ def _add_calibration_args(parser: argparse.ArgumentParser, retuning: bool) -> No
     from anomap.standardize import NORMALIZATIONS
 
     default = None if retuning else 0.99
-    parser.add_argument("--threshold-quantile", type=float, default=default,
+    parser.add_argument("--threshold-quantile", type=float, default=default, metavar="Q",
                         help="threshold = this quantile of held-out normal scores"
                              + (" (default: the run's)" if retuning else f" (default {default})"))
-    parser.add_argument("--map-normalization", choices=NORMALIZATIONS,
-                        help="position: read each map position in standard deviations of the "
-                             "held-out normal maps there; helps where photos share a frame "
-                             "(docs/results/mtd.md) (default: "
-                             + ("the run's)" if retuning else "the preset's, none but for STPM's "
-                                                "large-defects; on --resume the run's)"))
+    parser.add_argument("--map-normalization", choices=NORMALIZATIONS, metavar="HOW",
+                        help="none, or position: in held-out standard deviations per position")
 
 
 def _add_runtime_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runtime", default="auto",
                         choices=["auto", "torch", "onnxruntime", "openvino"],
-                        help="torch for a run folder; onnxruntime or openvino for an export "
-                             "folder (default auto: what the folder is for)")
+                        help="default auto: torch for a run, the export's for an export")
 
 
 def _add_max_pixels_arg(parser: argparse.ArgumentParser) -> None:
     from anomap.data import DEFAULT_MAX_PIXELS
 
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                        help="refuse images with more pixels than this, before decoding "
-                             f"(default {DEFAULT_MAX_PIXELS:,}, Pillow's)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                        help="refuse larger images before decoding "
+                             f"(default {DEFAULT_MAX_PIXELS:,})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,97 +95,77 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train a model on defect-free images")
+    train = commands.add_parser(
+        "train", help="train a model on defect-free images", formatter_class=HelpFormatter,
+        usage="anomap train --data DIR --out RUN [--model METHOD] [--preset NAME] [options]",
+        description="Every option in full: docs/usage.md; the methods' own: docs/<method>.md.")
     data = train.add_argument_group("data")
     photos = train.add_argument_group("reading the photos")
-    model = train.add_argument_group(
-        "model (each method's own options are marked with its name)")
+    model = train.add_argument_group("model (a method's own options name it)")
     recipe = train.add_argument_group("recipe (default: the method's, or its --preset)")
     run = train.add_argument_group("the run")
-    model.add_argument("--model", default="stpm", choices=sorted(METHODS), help="method")
     _add_data_args(data, required=False)
-    run.add_argument("--out", required=True, type=Path, help="run folder to write")
-    recipe.add_argument("--epochs", type=int, help="default: the method's recipe")
-    recipe.add_argument("--batch-size", type=int)
-    recipe.add_argument("--image-size", type=int, help="network input side (default 256)")
-    recipe.add_argument("--lr", type=float)
-    recipe.add_argument("--lr-milestones", type=float, nargs="+", metavar="FRACTION",
-                       help="fractions of the epochs at which lr is multiplied by --lr-gamma")
-    recipe.add_argument("--lr-gamma", type=float,
-                       help="lr factor at each milestone (default: the method's)")
-    recipe.add_argument("--augment", choices=ORIENTATIONS,
-                       help="random flips (flip) or flips and 90-degree turns (dihedral) of "
-                            "the training images, for data whose normal photos stay normal "
-                            "that way (default none)")
-    model.add_argument("--backbone", help="e.g. efficientnet_lite0 (offline default), resnet18")
-    model.add_argument("--weights", help="teacher weights: 'imagenet' (default) or a .pth file")
-    model.add_argument("--strides", type=int, nargs="+",
-                       help="STPM, RSTPM: feature-pyramid levels as strides (default 4 8 16, the "
-                            "paper's; 8 16 32 suits large, low-contrast defects, see "
-                            "docs/results/mtd.md)")
-    model.add_argument("--second-backbone",
-                       help="RSTPM: pair 2's teacher, another network than --backbone "
-                            "(default efficientnet_lite1; resnet50 with --second-weights FILE)")
-    model.add_argument("--second-weights",
-                       help="RSTPM: pair 2's teacher weights, 'imagenet' (default) or a .pth file")
+    data.add_argument("--val-fraction", type=float, default=0.2, metavar="F",
+                      help="share of normal images held out to select and calibrate (0.2)")
+    photos.add_argument("--resize-mode", choices=RESIZE_MODES, metavar="MODE",
+                        help="letterbox (default; pads with edge pixels), mirror, stretch")
+    photos.add_argument("--margin", type=int, metavar="PX",
+                        help="padding kept around the photo inside the input (default 0)")
+    _add_max_pixels_arg(photos)
+    by_preset: dict[str, list[str]] = {}
+    for name in sorted(METHODS):
+        for preset in METHODS[name].presets():
+            by_preset.setdefault(preset, []).append(name)
+    presets = ", ".join(f"{preset} ({'/'.join(names)})" for preset, names in by_preset.items()
+                        if preset != "paper")
+    model.add_argument("--model", default="stpm", choices=sorted(METHODS), metavar="METHOD",
+                       help=", ".join(sorted(METHODS)) + " (default stpm)")
+    model.add_argument("--preset", default="auto", metavar="NAME",
+                       help=f"auto (default: cpu on a CPU if any, else paper), paper, {presets}")
+    model.add_argument("--backbone", metavar="NAME",
+                       help="efficientnet_lite0 (default, offline), _lite1, _lite2, resnet18")
+    model.add_argument("--weights", metavar="W", help="teacher weights: imagenet or a .pth file")
+    model.add_argument("--strides", type=int, nargs="+", metavar="S",
+                       help="STPM, RSTPM: pyramid levels (default 4 8 16; MTD: 8 16 32)")
+    model.add_argument("--second-backbone", metavar="NAME",
+                       help="RSTPM: pair 2's teacher (default efficientnet_lite1)")
+    model.add_argument("--second-weights", metavar="W",
+                       help="RSTPM: pair 2's teacher weights: imagenet or a .pth file")
     model.add_argument("--attention", choices=["on", "off"],
-                       help="RSTPM: spatial gates from teacher 2 on the reconstructing "
-                            "student's levels (default on)")
-    model.add_argument("--pair2-training", choices=PAIR2_TRAINING,
-                       help="RSTPM: pair 2's student rebuilds teacher 2's features of the "
-                            "normal images (default) or of the clean image behind a "
-                            "synthetic anomaly (see --anomaly-source)")
+                       help="RSTPM: gates on the reconstructing student (default on)")
+    model.add_argument("--pair2-training", choices=PAIR2_TRAINING, metavar="IMAGES",
+                       help="RSTPM: rebuild " + " or ".join(PAIR2_TRAINING)
+                            + " images (default normal)")
+    model.add_argument("--decoder-width", type=int, metavar="C",
+                       help="RSTPM: decoder channels at stride 4 (default 32)")
     model.add_argument("--distillation", choices=["on", "off"],
-                       help="FractalAD: a student copies the teacher and the head reads where "
-                            "they disagree (default on); off: the head reads the teacher "
-                            "(the paper's setting for textures)")
-    model.add_argument("--anomalies", choices=["fractal", "perlin"],
-                       help="FractalAD: the synthetic anomalies it learns to segment: fractal "
-                            "patches of the image itself (default) or DRAEM's Perlin ones")
+                       help="FractalAD: student next to the teacher (default on)")
+    model.add_argument("--anomalies", choices=["fractal", "perlin"], metavar="KIND",
+                       help="FractalAD: fractal (default) or perlin synthetic anomalies")
     model.add_argument("--foreground", choices=["auto", "on", "off"],
-                       help="FractalAD: paste anomalies on the object only (objects on a plain "
-                            "background); auto (default) decides from the normal images and "
-                            "says what it chose")
-    model.add_argument("--decoder-width", type=int,
-                       help="RSTPM: channels of the reconstructing student at stride 4, "
-                            "doubled per level (default 32)")
-    _add_inference_args(train.add_argument_group(
-        "reading the map (anomap retune may change these later)"))
-    presets = "; ".join(f"{name}: " + ", ".join(METHODS[name].presets())
-                        for name in sorted(METHODS))
-    model.add_argument("--preset", default="auto",
-                       help="a named starting point that single options then change "
-                            f"({presets}): paper is faithful, cpu fits a method too heavy "
-                            "for a CPU, large-defects is STPM's best on MTD (docs/results/mtd.md); "
-                            "auto (default): the method's cpu preset on a CPU if it has one, "
-                            "else paper")
-    model.add_argument("--anomaly-source",
-                       help="DRAEM, RSTPM with --pair2-training synthetic: folder of "
-                            "texture images (e.g. DTD), or builtin, "
-                            "procedural, skimage (default: builtin, offline)")
-    recipe.add_argument("--selection", choices=SELECTION_RULES,
-                       help="which epoch becomes model.pt, judged on held-out normals: lowest "
-                            "mean score, the last, or best AUROC on synthetic anomalies pasted "
-                            "into them (default: the method's recipe)")
-    photos.add_argument("--resize-mode", choices=RESIZE_MODES,
-                       help="letterbox keeps the aspect ratio and pads with edge pixels "
-                            "(default); mirror keeps it and pads with the mirrored photo; "
-                            "stretch squashes")
-    photos.add_argument("--margin", type=int,
-                       help="pixels on each side of the network input kept free of the "
-                            "photo and padded like the rest, so its edges lie away from "
-                            "the network's border (default 0)")
-    data.add_argument("--val-fraction", type=float, default=0.2,
-                       help="share of normal images held out for selection and threshold")
-    _add_calibration_args(train.add_argument_group("threshold"), retuning=False)
-    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+                       help="FractalAD: anomalies on the object only (auto: decided, and said)")
+    model.add_argument("--anomaly-source", metavar="SRC",
+                       help="texture folder (e.g. DTD), builtin (default), procedural, skimage")
+    recipe.add_argument("--epochs", type=int, metavar="N")
+    recipe.add_argument("--batch-size", type=int, metavar="N")
+    recipe.add_argument("--image-size", type=int, metavar="PX", help="network input side (256)")
+    recipe.add_argument("--lr", type=float)
+    recipe.add_argument("--lr-milestones", type=float, nargs="+", metavar="F",
+                        help="fractions of the epochs where lr is multiplied by --lr-gamma")
+    recipe.add_argument("--lr-gamma", type=float, metavar="G", help="lr factor at a milestone")
+    recipe.add_argument("--augment", choices=ORIENTATIONS, metavar="KIND",
+                        help="none (default), flip, dihedral (flips and turns) of normal images")
+    recipe.add_argument("--selection", choices=SELECTION_RULES, metavar="RULE",
+                        help="kept epoch: " + ", ".join(SELECTION_RULES) + " (on held-out normals)")
     recipe.add_argument("--seed", type=int, default=0)
+    run.add_argument("--out", required=True, type=Path, metavar="RUN", help="run folder to write")
+    run.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1")
     run.add_argument("--resume", action="store_true",
-                       help="continue an interrupted run; with --epochs, --lr-milestones, "
-                            "--lr-gamma also train a finished run on (see README)")
+                     help="continue a killed run, or train a finished one on (--epochs)")
     run.add_argument("--test", action="store_true", help="run 'anomap test' afterwards")
     run.add_argument("--no-progress", action="store_true")
-    _add_max_pixels_arg(photos)
+    _add_inference_args(train.add_argument_group("reading the map (retune may change it)"))
+    _add_calibration_args(train.add_argument_group("threshold"), retuning=False)
 
     test = commands.add_parser("test", help="evaluate a run on a test set, write the report")
     test.add_argument("--run", required=True, type=Path)
@@ -312,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--image-size", type=int, default=128)
     demo.add_argument("--device", default="auto")
     demo.add_argument("--no-progress", action="store_true")
+    for command in commands.choices.values():
+        command.formatter_class = HelpFormatter
     return parser
 
 
