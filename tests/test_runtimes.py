@@ -44,6 +44,10 @@ def test_every_method_exports_to_onnx_with_the_runs_maps_and_verdicts(
     assert record["agreement"]["max_relative_map_difference"] <= runtimes.FP32_TOLERANCE
     assert record["input"]["range"] == [0.0, 1.0] and record["method"] == method
     _assert_same_predictions(run, tmp_path / "export", _photos(toy_data))
+    int8 = export_run(run, tmp_path / "int8", "onnx", int8=True, progress=False)
+    assert int8["int8"]  # every method's graph quantises (ORT's shape inference may not)
+    maps = [r.anomaly_map for r in Detector.load(tmp_path / "int8").predict(_photos(toy_data))]
+    assert all(np.isfinite(m).all() for m in maps)
 
 
 def test_openvino_export_through_the_cli_then_predict_and_test_with_it(
