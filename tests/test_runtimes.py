@@ -37,7 +37,10 @@ def _assert_same_predictions(run: Path, export: Path, photos: list[Path],
 
 @pytest.mark.parametrize("method", ["stpm", "draem", "rstpm", "fractalad"])
 def test_every_method_exports_to_onnx_with_the_runs_maps_and_verdicts(
-        method: str, toy_data: Path, tmp_path: Path) -> None:
+        method: str, toy_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    working = tmp_path / "working"
+    working.mkdir()
+    monkeypatch.chdir(working)
     run = fit_toy(method, toy_data, tmp_path / "run", epochs=1, image_size=64)
     record = export_run(run, tmp_path / "export", "onnx", progress=False)
     assert record["agreement"]["verdicts_differ"] == 0
@@ -48,6 +51,7 @@ def test_every_method_exports_to_onnx_with_the_runs_maps_and_verdicts(
     assert int8["int8"]  # every method's graph quantises (ORT's shape inference may not)
     maps = [r.anomaly_map for r in Detector.load(tmp_path / "int8").predict(_photos(toy_data))]
     assert all(np.isfinite(m).all() for m in maps)
+    assert not list(working.iterdir())  # nothing left where the user ran it (ORT's dumps)
 
 
 def test_openvino_export_through_the_cli_then_predict_and_test_with_it(

@@ -181,17 +181,22 @@ def quantize_int8(fp32: Path, int8: Path, calibration: torch.Tensor) -> Path:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    fp32, int8 = fp32.resolve(), int8.resolve()
     prepared = int8.with_name("prepared.onnx")
-    try:
-        quant_pre_process(str(fp32), str(prepared))
-    except Exception:  # noqa: BLE001 - ORT's symbolic shapes miss some ops (FractalAD's
-        # grid_sample, DRAEM's padding) and raise anything from a bare Exception to KeyError
-        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-    quantize_static(str(prepared), str(int8), _CalibrationReader(calibration, batch_size=1),
-                    quant_format=QuantFormat.QDQ, per_channel=True,
-                    op_types_to_quantize=list(INT8_OPS),
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
+    # ORT writes debugging dumps (the failed shape inference's model and its weights,
+    # tens of MB) into the working directory: give it a scratch one, never the user's
+    with tempfile.TemporaryDirectory(prefix="anomap-int8.") as scratch, \
+            contextlib.chdir(scratch):
+        try:
+            quant_pre_process(str(fp32), str(prepared))
+        except Exception:  # noqa: BLE001 - ORT's symbolic shapes miss some ops (FractalAD's
+            # grid_sample, DRAEM's padding) and raise anything from a bare Exception on
+            quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(int8), _CalibrationReader(calibration, batch_size=1),
+                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        op_types_to_quantize=list(INT8_OPS),
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
     prepared.unlink()
     return int8
 
