@@ -195,11 +195,14 @@ def before_after_table() -> str:
     return "\n".join(lines)
 
 
+def _evidence(name: str, here: Path) -> str:
+    """mtd/<name>.json relative to the page in ``here``, for a markdown link."""
+    up = "../" * len(here.relative_to(REPOSITORY).parts)
+    return up + (MTD / f"{name}.json").relative_to(REPOSITORY).as_posix()
+
+
 def _link(name: str, here: Path) -> str:
-    """A relative markdown link from the page in ``here`` to mtd/<name>.json."""
-    target = Path("../" * len(here.relative_to(REPOSITORY).parts)) / (MTD / f"{name}.json"
-                                                                       ).relative_to(REPOSITORY)
-    return f"[{name}]({target.as_posix()})"
+    return f"[{name}]({_evidence(name, here)})"
 
 
 @dataclass(frozen=True)
@@ -296,8 +299,8 @@ def methods_table(here: Path = REPOSITORY) -> str:
                 cells.append("-")
                 continue
             r = mtd_record(name)
-            cells.append(f"[{_fmt(r['metrics']['image_auroc'])}]"
-                         f"({_link(name, here).split('](')[1]} ({r['epochs']} epochs)")
+            cells.append(f"[{_fmt(r['metrics']['image_auroc'])}]({_evidence(name, here)}) "
+                         f"({r['epochs']} epochs)")
         lines.append(f"| `{method}` | {learns} | {use} | {cpu} | {' / '.join(cells)} |")
     return "\n".join(lines)
 

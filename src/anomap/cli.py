@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser(
-        "train", help="train a model on defect-free images", formatter_class=HelpFormatter,
+        "train", help="train a model on defect-free images",
         usage="anomap train --data DIR --out RUN [--model METHOD] [--preset NAME] [options]",
         description="Every option in full: docs/usage.md; the methods' own: docs/<method>.md.")
     data = train.add_argument_group("data")
@@ -466,6 +466,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def named_runs(items: Sequence[str]) -> list[tuple[str, Path]]:
+    """``[NAME=]RUN`` arguments as (name, folder); a run is named by its folder unless
+    NAME= is given (serve and compare label runs this way)."""
+    pairs = []
+    for item in items:
+        name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
+        pairs.append((name or Path(path).name, Path(path)))
+    return pairs
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from anomap.runtimes import require
 
@@ -474,12 +484,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from anomap.serve import ServeSettings, serve
 
     models: dict[str, Path] = {}
-    for item in args.run:
-        name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
-        name = name or Path(path).name
+    for name, path in named_runs(args.run):
         if name in models:
             raise ValueError(f"two models named {name!r}: name them with --run NAME=RUN")
-        models[name] = Path(path)
+        models[name] = path
     settings = ServeSettings(
         host=args.host, port=args.port, api_key=args.api_key,
         max_request_bytes=args.max_request_bytes, max_image_bytes=args.max_image_bytes,
@@ -495,10 +503,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from anomap.compare import compare_runs
 
-    named = [item.rpartition("=") if "=" in item else ("", "", item) for item in args.runs]
-    runs = [Path(path) for _, _, path in named]
-    names = [name or run.name for (name, _, _), run in zip(named, runs, strict=True)]
-    print(f"wrote {compare_runs(runs, args.out, names=names, n_images=args.n, device=args.device)}")
+    names, runs = zip(*named_runs(args.runs), strict=True)
+    page = compare_runs(list(runs), args.out, names=list(names), n_images=args.n,
+                        device=args.device)
+    print(f"wrote {page}")
     return 0
 
 

@@ -170,7 +170,7 @@ class FractalAD(AnomalyModel):
     def presets(cls) -> dict[str, Preset]:
         """``cpu`` keeps the paper's recipe and cuts only its length, so that a
         2-core CPU trains MTD-sized data in under an hour (docs/fractalad.md)."""
-        return {"paper": Preset(cls.default_recipe(), use="the paper's recipe, for a GPU"),
+        return {**super().presets(),
                 "cpu": Preset(cls.default_recipe().updated(epochs=30),
                               use="the paper's recipe for 30 epochs: under an hour on 2 cores "
                                   "for 600 images")}
