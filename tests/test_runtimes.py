@@ -47,10 +47,12 @@ def test_every_method_exports_to_onnx_with_the_runs_maps_and_verdicts(
     assert record["agreement"]["max_relative_map_difference"] <= runtimes.FP32_TOLERANCE
     assert record["input"]["range"] == [0.0, 1.0] and record["method"] == method
     _assert_same_predictions(run, tmp_path / "export", _photos(toy_data))
-    int8 = export_run(run, tmp_path / "int8", "onnx", int8=True, progress=False)
-    assert int8["int8"]  # every method's graph quantises (ORT's shape inference may not)
-    maps = [r.anomaly_map for r in Detector.load(tmp_path / "int8").predict(_photos(toy_data))]
-    assert all(np.isfinite(m).all() for m in maps)
+    if method in ("draem", "fractalad"):  # STPM's int8 has its own test below
+        int8 = export_run(run, tmp_path / "int8", "onnx", int8=True, progress=False)
+        assert int8["int8"]  # these graphs defeat ORT's symbolic shape inference
+        maps = [r.anomaly_map
+                for r in Detector.load(tmp_path / "int8").predict(_photos(toy_data))]
+        assert all(np.isfinite(m).all() for m in maps)
     assert not list(working.iterdir())  # nothing left where the user ran it (ORT's dumps)
 
 
