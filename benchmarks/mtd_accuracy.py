@@ -196,6 +196,7 @@ def main() -> None:
         "per_defect_type_image_auroc": result["per_defect_type"],
         "best_epoch": trained["best_epoch"],
         "epochs": config["recipe"]["epochs"],
+        "epochs_trained": len(history),  # fewer for a run read before its last epoch
         "wall_seconds_this_call": round(train_seconds, 1),
         **training_time(history),
         "curve": training_curve(history),
