@@ -471,7 +471,7 @@ def named_runs(items: Sequence[str]) -> list[tuple[str, Path]]:
     NAME= is given (serve and compare label runs this way)."""
     pairs = []
     for item in items:
-        name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
+        name, _, path = item.rpartition("=")  # no '=': name is ''
         pairs.append((name or Path(path).name, Path(path)))
     return pairs
 
