@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from anomap.backbones import create_backbone
 from anomap.data import Geometry, LoadedSet, discover, load_set, split_holdout, to_float
+from anomap.machine import describe_machine
 from anomap.metrics import aupro, image_auroc, pixel_auroc
 
 ROOT = Path(__file__).resolve().parent
@@ -85,6 +86,7 @@ def main() -> None:
     }
     out = ROOT / "results" / "diagnostics" / f"{args.name}.json"
     out.parent.mkdir(exist_ok=True)
+    record["machine"] = describe_machine()
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from anomap.machine import describe_machine
+
 ROOT = Path(__file__).resolve().parent
 
 
@@ -85,6 +87,7 @@ def main() -> None:
                                   *sys.argv[1:]])
     for run in args.runs:
         record[run.name] = measure(run, args.exports)
+        record["machine"] = describe_machine()
         out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
 

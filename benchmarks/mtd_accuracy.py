@@ -25,6 +25,7 @@ import torch
 
 from anomap.calibrate import retune
 from anomap.evaluate import evaluate_run
+from anomap.machine import describe_machine
 from anomap.methods.base import IMAGE_SCORES
 from anomap.methods.rstpm import FUSIONS, PAIR2_TRAINING
 from anomap.orientation import ORIENTATIONS
@@ -37,8 +38,9 @@ DEFAULT_DATA = ROOT.parents[1] / "shared" / "data" / "mtd"
 
 
 def machine_info() -> dict[str, object]:
-    """Where a number was measured, stored next to it."""
-    return {"cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
+    """Where a number was measured, stored next to it: the CPU, its ISA flags, the
+    libraries and the load (anomap.machine), with the keys older results used."""
+    return {**describe_machine(), "cpu_threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available()
             else platform.processor() or "cpu"}

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from anomap import Detector
+from anomap.machine import describe_machine
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -119,6 +120,7 @@ def main() -> None:
         print(json.dumps(result["predict"][-1]), flush=True)
     path = RESULTS / f"{args.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
+    result["machine"] = describe_machine()
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

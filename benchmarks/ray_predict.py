@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from anomap.machine import describe_machine
+
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
@@ -57,6 +59,7 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     out = ROOT / "results" / f"{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    result["machine"] = describe_machine()
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 

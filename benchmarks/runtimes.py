@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from anomap.machine import describe_machine
+
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 DEFAULT_DATA = ROOT.parents[1] / "shared" / "data" / "mtd"
@@ -117,6 +119,7 @@ def main() -> None:
             entry[name] = json.loads(line[-1][len("RESULT "):])
             print(run.name, name, json.dumps(entry[name]), flush=True)
             out.parent.mkdir(parents=True, exist_ok=True)
+            results["machine"] = describe_machine()
             out.write_text(json.dumps(results, indent=2) + "\n")
 
 

@@ -22,6 +22,8 @@ import httpx
 import numpy as np
 import torch
 
+from anomap.machine import describe_machine
+
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
@@ -92,6 +94,7 @@ def main() -> None:
         time.sleep(1.0)
     out = ROOT / "results" / f"{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    result["machine"] = describe_machine()
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 

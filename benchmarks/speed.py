@@ -34,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from anomap import Detector
 from anomap.allocator import keep_freed_memory
 from anomap.data import Geometry, discover
+from anomap.machine import describe_machine
 from anomap.methods import AnomalyModel, Recipe, build_model, get_method
 from anomap.synth import make_anomaly_source, synthesize
 from anomap.train import build_optimizer
@@ -208,6 +209,7 @@ def main() -> None:
         "keep_freed_memory": kept,
     })
     record.pop("command", None)
+    record["machine"] = describe_machine()
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.out}")
 

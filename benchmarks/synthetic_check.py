@@ -24,7 +24,8 @@ from anomap.data import load_set
 from anomap.evaluate import infer
 from anomap.export import InferenceModel
 from anomap.run import geometry_from_config, load_model, load_position_stats
-from anomap.train import synthetic_aurocs, synthetic_check_set
+from anomap.synth.check import synthetic_check_set
+from anomap.train import synthetic_aurocs
 
 #: the check set's seed, the same for every run
 CHECK_SEED = 0

@@ -70,9 +70,22 @@ def _add_calibration_args(parser: argparse.ArgumentParser, retuning: bool) -> No
 
 
 def _add_runtime_arg(parser: argparse.ArgumentParser) -> None:
+    from anomap.trust import PROBE_ACTIONS
+
     parser.add_argument("--runtime", default="auto",
                         choices=["auto", "torch", "onnxruntime", "openvino"],
-                        help="default auto: torch for a run, the export's for an export")
+                        help="auto (default): torch for a run; for an export the fastest "
+                             "runtime that passes its probe here")
+    parser.add_argument("--probe", default="refuse", choices=PROBE_ACTIONS,
+                        help="an export whose runtime disagrees with the run here: refuse "
+                             "(default), fallback to its fp32 graph, or off")
+
+
+def _say_runtime(detector: Any) -> None:
+    """Which runtime an export was loaded with, and why (the probe's verdict)."""
+    report = detector.load_report
+    if report:
+        print(f"anomap: runtime {report['runtime']}: {report['why']}", file=sys.stderr)
 
 
 def _add_max_pixels_arg(parser: argparse.ArgumentParser) -> None:
@@ -381,7 +394,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     result = evaluate_run(args.run, args.data, out_dir=args.out, defect_dir=args.defect_dir,
                           mask_dir=args.mask_dir, test_normal_dir=args.test_normal_dir,
                           device=args.device, precision=args.precision,
-                          runtime=args.runtime,
+                          runtime=args.runtime, probe=args.probe,
                           batch_size=args.batch_size,
                           panels=not args.no_panels, progress=not args.no_progress)
     _print_metrics(result)
@@ -420,12 +433,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         summary = inspect_on_ray(args.run, args.inputs, args.output, fmt=args.format,
                                  resume=args.resume, overwrite=args.overwrite, pictures=args.out,
                                  batch_size=args.batch_size, actors=args.workers,
-                                 runtime=args.runtime, address=args.address, stream=sys.stdout)
+                                 runtime=args.runtime, address=args.address, stream=sys.stdout,
+                                 probe=args.probe)
         print(f"anomap: {summary.describe()}", file=sys.stderr)
         return 1 if summary.failed and not (summary.scored or summary.already_done) else 0
     if args.format == "parquet":
         raise ValueError("--format parquet is written by --engine ray; use jsonl or csv")
-    detector = Detector.load(args.run, args.device, args.precision, args.runtime)
+    detector = Detector.load(args.run, args.device, args.precision, args.runtime, args.probe)
+    _say_runtime(detector)
     try:
         summary = inspect_folder(detector, [Path(i) for i in args.inputs], args.output,
                                  fmt=args.format,
@@ -456,11 +471,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     record = export_run(args.run, args.out, args.format, args.int8,
                         progress=not args.no_progress)
-    agreement = record["agreement"]
-    print(f"exported: {args.out}  {args.format}{' int8' if args.int8 else ''}  on "
-          f"{agreement['n_images']} held-out normals: maps within "
-          f"{agreement['max_relative_map_difference']:.1e} of their range, "
-          f"{agreement['verdicts_differ']} verdicts differ")
+    print(f"exported: {args.out}  {args.format}{' int8' if args.int8 else ''}")
+    for name, agreement in record["agreement_by_runtime"].items():
+        line = (f"  {name}: on {agreement['n_normal']} held-out normals and "
+                f"{agreement['n_anomalous']} synthetic anomalies, maps within "
+                f"{agreement['max_relative_map_difference']:.1e} of their range, "
+                f"{agreement['verdicts_differ']} verdicts differ")
+        if "synthetic_pixel_auroc" in agreement:
+            line += (", synthetic pixel AUROC {1:.3f} (run {0:.3f})"
+                     .format(*agreement["synthetic_pixel_auroc"]))
+        print(line + ("" if agreement["passed"] else
+                      f"; FAILS: {', '.join(agreement['problems'])}"))
+    if "recalibrated" in record:
+        old, new = record["recalibrated"]["threshold"]
+        print(f"  int8 threshold recalibrated on its own held-out maps: {old:.6g} -> {new:.6g}")
     print(f"use it: anomap predict --run {args.out} IMAGES   (thresholds: "
           f"{args.out / 'calibration.json'})")
     return 0
@@ -496,7 +520,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings.check()
     print(f"anomap serve: {', '.join(models)} on http://{args.host}:{args.port}/  "
           f"(API docs: /docs)", file=sys.stderr)
-    serve(models, settings, runtime=args.runtime, device=args.device)
+    serve(models, settings, runtime=args.runtime, device=args.device, probe=args.probe)
     return 0
 
 

@@ -27,6 +27,7 @@ from anomap.data import (
 )
 from anomap.export import InferenceModel
 from anomap.files import save_json, save_text
+from anomap.machine import describe_machine
 from anomap.methods import METHODS, AnomalyModel
 from anomap.run import Detector
 
@@ -65,13 +66,14 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, *,
                  out_dir: str | Path | None = None, defect_dir: str | Path | None = None,
                  mask_dir: str | Path | None = None, test_normal_dir: str | Path | None = None,
                  device: str = "auto", precision: str = "fp32", batch_size: int = 8,
-                 panels: bool = True, progress: bool = True, runtime: str = "auto"
-                 ) -> dict[str, Any]:
+                 panels: bool = True, progress: bool = True, runtime: str = "auto",
+                 probe: str = "refuse") -> dict[str, Any]:
     """``anomap test``: score the test split, write metrics.json, predictions.csv,
     panels/ and report.html into ``out_dir`` (default: the run folder). ``run_dir``
-    may be an export folder (``anomap export``), scored by ``runtime``."""
+    may be an export folder (``anomap export``), scored by ``runtime`` once it passed
+    its probe on this machine (``probe``: see :meth:`Detector.load`)."""
     run_dir = Path(run_dir)
-    detector = Detector.load(run_dir, device, precision, runtime)
+    detector = Detector.load(run_dir, device, precision, runtime, probe)
     config = detector.config
     data_cfg = config.get("data", {})
     spec = discover(data or data_cfg["root"],
@@ -118,6 +120,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, *,
         images_per_second=round(len(loaded) / seconds, 3),
         model_images_per_second=round(len(loaded) / model_seconds, 3),
         precision=detector.precision, runtime=detector.runtime, batch_size=batch_size,
+        runtime_choice=detector.load_report, machine=describe_machine(),
         method=config.get("method"), backbone=config.get("model", {}).get("backbone"),
         settings=describe_settings(config),
         data=str(spec.root), **report.confusion_at(labels, scores, threshold))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,18 @@ from anomap.data import Box, Geometry, load_image, to_pil
 from anomap.export import InferenceModel, resolve_precision
 from anomap.methods import AnomalyModel, build_untrained
 from anomap.standardize import PositionStats
+from anomap.trust import (
+    FP32_PROBE,
+    INT8_PROBE,
+    PROBE_ACTIONS,
+    CheckSet,
+    DisagreementError,
+    Readings,
+    load_probe,
+    replay,
+)
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.pt"
@@ -40,6 +53,9 @@ STATE_FILE = "last.pt"
 CALIBRATION_FILE = "calibration.json"
 HISTORY_FILE = "history.csv"
 POSITION_STATS_FILE = "position_stats.pt"
+#: an int8 export keeps the run's own thresholds and statistics for its fp32 graph
+FP32_CALIBRATION_FILE = "calibration.fp32.json"
+FP32_POSITION_STATS_FILE = "position_stats.fp32.pt"
 
 ImageLike = Image.Image | np.ndarray | str | Path
 
@@ -108,11 +124,12 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
     return model.to(resolve_device(device)).eval(), config
 
 
-def load_position_stats(run_dir: str | Path, config: dict[str, Any]) -> PositionStats | None:
+def load_position_stats(run_dir: str | Path, config: dict[str, Any],
+                        name: str = POSITION_STATS_FILE) -> PositionStats | None:
     """The run's normal map statistics when its config asks for them, else None."""
     if config.get("map_normalization", "none") == "none":
         return None
-    path = Path(run_dir) / POSITION_STATS_FILE
+    path = Path(run_dir) / name
     if not path.is_file():
         raise RunError(f"{path}: missing, but the run uses --map-normalization "
                        f"{config['map_normalization']}; recalibrate it with 'anomap retune "
@@ -182,6 +199,8 @@ class Detector:
         self.pixel_threshold = float(threshold if pixel_threshold is None else pixel_threshold)
         self.display_range = (float(display_range[0]), float(display_range[1]))
         self.config = config or {}
+        #: for an export: which runtime was loaded and why (the probe's records)
+        self.load_report: dict[str, Any] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -198,26 +217,117 @@ class Detector:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "auto",
-             precision: str = "fp32", runtime: str = "auto") -> Detector:
-        """A run folder (runtime ``torch``) or an export folder from ``anomap export``
-        (``onnxruntime`` or ``openvino``; ``auto``: the one its format is for)."""
-        from anomap.runtimes import RUNTIMES, is_export, load_network
+             precision: str = "fp32", runtime: str = "auto", probe: str = "refuse"
+             ) -> Detector:
+        """A run folder (runtime ``torch``) or an export folder from ``anomap export``.
+
+        An export replays its probe (:mod:`anomap.trust`) on this machine first:
+        ``runtime="auto"`` takes the fastest runtime that passes it; a named runtime
+        that fails it is refused (``probe="refuse"``), or the export's fp32 graph is
+        loaded in its place with a warning (``"fallback"``); ``"off"`` skips it.
+        What was tried and why is in :attr:`load_report`."""
+        from anomap.runtimes import RUNTIMES, is_export
 
         path = Path(path)
         if runtime not in ("auto", *RUNTIMES):
             raise ValueError(f"runtime {runtime!r}: choose auto or one of {', '.join(RUNTIMES)}")
+        if probe not in PROBE_ACTIONS:
+            raise ValueError(f"probe {probe!r}: choose one of {', '.join(PROBE_ACTIONS)}")
         config = load_json(path / CONFIG_FILE)
         if is_export(path):
-            network: Any = load_network(path, runtime, config["model"])
-        elif runtime in ("auto", "torch"):
-            network, config = load_model(path, device, config=config)
-        else:
+            return cls._load_export(path, config, runtime, probe)
+        if runtime not in ("auto", "torch"):
             raise RunError(f"{path} is a run: runtime {runtime} reads an export of it; make "
                            f"one with 'anomap export --run {path} --out DIR'")
+        network, config = load_model(path, device, config=config)
         calibration = load_json(path / CALIBRATION_FILE)
         return cls(network, geometry_from_config(config), calibration["threshold"],
                    tuple(calibration["display_range"]), config, precision,
                    load_position_stats(path, config), calibration.get("pixel_threshold"))
+
+    @classmethod
+    def _from_export(cls, path: Path, config: dict[str, Any], runtime: str,
+                     fp32_graph: bool = False) -> Detector:
+        """One runtime on one of the export's graphs, with that graph's thresholds."""
+        from anomap.runtimes import load_network
+
+        calibration = load_json(path / (FP32_CALIBRATION_FILE if fp32_graph
+                                        else CALIBRATION_FILE))
+        stats = load_position_stats(path, config, FP32_POSITION_STATS_FILE if fp32_graph
+                                    else POSITION_STATS_FILE)
+        network = load_network(path, runtime, config["model"], fp32_graph=fp32_graph)
+        return cls(network, geometry_from_config(config), calibration["threshold"],
+                   tuple(calibration["display_range"]), config, "fp32", stats,
+                   calibration.get("pixel_threshold"))
+
+    @classmethod
+    def _load_export(cls, path: Path, config: dict[str, Any], runtime: str,
+                     probe: str) -> Detector:
+        from anomap.runtimes import EXPORT_FILE, default_runtime, readable_runtimes
+
+        export = load_json(path / EXPORT_FILE)
+        candidates = readable_runtimes(path) if runtime == "auto" else [runtime]
+        stored = None if probe == "off" else load_probe(path)
+        if stored is None:
+            chosen = default_runtime(path) if runtime == "auto" else runtime
+            detector = cls._from_export(path, config, chosen)
+            why = ("the probe was turned off" if probe == "off" else
+                   "this export holds no probe (made before anomap checked exports where "
+                   "they run): re-export it to have it checked on this machine")
+            detector.load_report = {"runtime": chosen, "why": why, "tried": []}
+            if probe != "off":
+                log.warning("%s: %s", path, why)
+            return detector
+        int8 = bool(export.get("int8"))
+        tried: list[tuple[Detector, dict[str, Any]]] = []
+        for graph_is_fp32 in ((False, True) if int8 and probe == "fallback" else (False,)):
+            tolerance = FP32_PROBE if graph_is_fp32 or not int8 else INT8_PROBE
+            for name in candidates:
+                detector = cls._from_export(path, config, name, graph_is_fp32)
+                report = replay(detector.read, stored, tolerance)
+                report.update(runtime=name, graph="fp32" if graph_is_fp32 or not int8
+                              else "int8")
+                tried.append((detector, report))
+            passing = [pair for pair in tried if pair[1]["passed"]]
+            if passing:
+                break
+            if int8 and probe == "fallback":
+                log.warning("%s: the int8 graph fails its probe on this machine (%s); "
+                            "falling back to the export's fp32 graph", path,
+                            "; ".join(f"{r['runtime']}: {', '.join(r['problems'])}"
+                                      for _, r in tried))
+        if not passing:
+            failures = "; ".join(f"{r['runtime']} {r['graph']}: {', '.join(r['problems'])}"
+                                 for _, r in tried)
+            advice = ("load it with --probe fallback to use its fp32 graph, or export the run "
+                      "without --int8" if int8 else "report this with the export's export.json")
+            raise DisagreementError(
+                f"{path}: the export does not keep the run's decisions on this machine "
+                f"({len(stored[0])} probe images: {failures}); {advice}")
+        detector, best = max(passing, key=lambda pair: pair[1]["images_per_second"])
+        others = [f"{r['runtime']} {r['graph']} {r['images_per_second']:g} img/s"
+                  + ("" if r["passed"] else " (failed the probe)")
+                  for d, r in tried if d is not detector]
+        why = (f"passed the probe on this machine ({best['seconds']:.2f} s for "
+               f"{len(stored[0])} images, {best['images_per_second']:g} img/s)")
+        if others:
+            why += f"; the fastest that passed, against {', '.join(others)}"
+        detector.load_report = {"runtime": best["runtime"], "graph": best["graph"], "why": why,
+                                "tried": [r for _, r in tried]}
+        log.info("%s: runtime %s (%s graph): %s", path, best["runtime"], best["graph"], why)
+        return detector
+
+    def read(self, check: CheckSet, batch_size: int = 8) -> Readings:
+        """Maps (evaluation frame), scores and verdicts of network inputs, through
+        :meth:`predict_prepared`: what :mod:`anomap.trust` compares."""
+        size = check.inputs.shape[1]
+        prepared = [PreparedImage(array, box, (size, size))
+                    for array, box in zip(check.inputs, check.boxes, strict=True)]
+        results = [result for start in range(0, len(prepared), batch_size)
+                   for result in self.predict_prepared(prepared[start:start + batch_size])]
+        return Readings(np.stack([r.anomaly_map for r in results]).astype(np.float32),
+                        np.array([r.score for r in results], dtype=np.float64),
+                        np.array([r.is_anomalous for r in results]), self.threshold)
 
     def _standardized(self, maps: torch.Tensor) -> torch.Tensor:
         return maps if self.standardize is None else self.standardize(maps)

@@ -29,7 +29,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,21 @@ from anomap import __version__
 from anomap.data import LoadedSet, load_set, to_float
 from anomap.export import InferenceModel
 from anomap.files import save_json
+from anomap.machine import describe_machine
 from anomap.methods.base import score_maps
+from anomap.synth.check import synthetic_check_set
+from anomap.trust import (
+    FP32_EXPORT,
+    FP32_PROBE,
+    INT8_EXPORT,
+    INT8_PROBE,
+    PROBE_FILE,
+    CheckSet,
+    DisagreementError,
+    Readings,
+    compare,
+    save_probe,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +64,11 @@ FORMATS = ("onnx", "openvino")
 EXPORT_FILE = "export.json"
 ONNX_FILE = "model.onnx"
 OPENVINO_FILE = "model.xml"
-#: largest fp32 map difference accepted, relative to the largest map value on the
-#: held-out normals (float rounding differs between runtimes, nothing more)
-FP32_TOLERANCE = 1e-4
+#: an int8 export also holds its fp32 graph, for ``--probe fallback``
+FP32_ONNX_FILE = "model.fp32.onnx"
+FP32_OPENVINO_FILE = "model.fp32.xml"
+#: probe images per class (held-out normals, synthetic anomalies) shipped in an export
+PROBE_PER_CLASS = 8
 INPUT_NAME, OUTPUT_NAME = "images", "map"
 #: what a runtime needs installed, and the extra that installs it
 EXTRAS = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino"),
@@ -256,66 +272,74 @@ class OpenVinoNetwork(_Network):
         return torch.from_numpy(np.array(self.compiled(array)[0]))
 
 
-def network_file(folder: Path, runtime: str) -> Path:
-    """The graph a runtime reads from an export folder."""
+def network_file(folder: Path, runtime: str, fp32_graph: bool = False) -> Path:
+    """The graph a runtime reads from an export folder (``fp32_graph``: an int8
+    export's fp32 one)."""
+    onnx_file, openvino_file = ((FP32_ONNX_FILE, FP32_OPENVINO_FILE) if fp32_graph
+                                else (ONNX_FILE, OPENVINO_FILE))
+    if runtime == "openvino" and (folder / openvino_file).is_file():
+        return folder / openvino_file
+    if (folder / onnx_file).is_file():
+        return folder / onnx_file
     export = json.loads((folder / EXPORT_FILE).read_text())
-    if runtime == "openvino" and (folder / OPENVINO_FILE).is_file():
-        return folder / OPENVINO_FILE
-    if (folder / ONNX_FILE).is_file():
-        return folder / ONNX_FILE
-    raise ExportError(f"{folder}: a {export['format']} export holds no graph {runtime} reads")
+    what = "an fp32 graph" if fp32_graph else f"a graph {runtime} reads"
+    raise ExportError(f"{folder}: this {export['format']}{' int8' if export.get('int8') else ''}"
+                      f" export holds no {what}")
+
+
+def _installed(module: str) -> bool:
+    try:
+        require(module)
+    except ExportError:
+        return False
+    return True
+
+
+def readable_runtimes(folder: Path) -> list[str]:
+    """The installed runtimes that read this export: OpenVINO reads its IR and ONNX,
+    ONNX Runtime only ONNX."""
+    names = [name for name, readable in (
+        ("openvino", (folder / OPENVINO_FILE).is_file() or (folder / ONNX_FILE).is_file()),
+        ("onnxruntime", (folder / ONNX_FILE).is_file())) if readable and _installed(name)]
+    if not names:
+        export = json.loads((folder / EXPORT_FILE).read_text())
+        extra = "openvino" if export["format"] == "openvino" else "onnx"
+        raise ExportError(f"{folder}: no installed runtime reads this {export['format']} "
+                          f"export: pip install \"anomap[{extra}]\"")
+    return names
+
+
+def default_runtime(folder: Path) -> str:
+    """The runtime an export's format is for (what ``auto`` took before probes)."""
+    export = json.loads((folder / EXPORT_FILE).read_text())
+    return "openvino" if export["format"] == "openvino" else "onnxruntime"
 
 
 def load_network(folder: Path, runtime: str, config: dict[str, Any],
-                 threads: int | None = None) -> _Network:
+                 threads: int | None = None, fp32_graph: bool = False) -> _Network:
     export = json.loads((folder / EXPORT_FILE).read_text())
-    precision = "int8" if export.get("int8") else "fp32"
+    precision = "int8" if export.get("int8") and not fp32_graph else "fp32"
     if runtime == "auto":
-        runtime = "openvino" if export["format"] == "openvino" else "onnxruntime"
+        runtime = default_runtime(folder)
+    path = network_file(folder, runtime, fp32_graph)
     if runtime == "onnxruntime":
-        return OnnxRuntimeNetwork(network_file(folder, runtime), config, precision, threads)
+        return OnnxRuntimeNetwork(path, config, precision, threads)
     if runtime == "openvino":
-        return OpenVinoNetwork(network_file(folder, runtime), config, precision, threads)
+        return OpenVinoNetwork(path, config, precision, threads)
     raise ExportError(f"{folder} is an export: read it with runtime onnxruntime or openvino "
                       f"(torch needs the run folder it came from)")
 
 
-def _agreement(reference: Any, exported: Any, images: LoadedSet,
-               batch_size: int = 8) -> dict[str, Any]:
-    """Maps, scores and verdicts of two Detectors on the same prepared images."""
-    from anomap.run import PreparedImage
-
-    prepared = [PreparedImage(array, box, (images.images.shape[-2], images.images.shape[-1]))
-                for array, box in zip(images.images.permute(0, 2, 3, 1).numpy(),
-                                      images.boxes, strict=True)]
-    largest = biggest_map = 0.0
-    verdicts_differ, score_diff = 0, 0.0
-    for start in range(0, len(prepared), batch_size):
-        chunk = prepared[start:start + batch_size]
-        ours, theirs = reference.predict_prepared(chunk), exported.predict_prepared(chunk)
-        for a, b in zip(ours, theirs, strict=True):
-            largest = max(largest, float(np.abs(a.anomaly_map - b.anomaly_map).max()))
-            biggest_map = max(biggest_map, float(np.abs(a.anomaly_map).max()))
-            score_diff = max(score_diff, abs(a.score - b.score))
-            verdicts_differ += a.verdict != b.verdict
-    return {"n_images": len(prepared), "max_map_difference": largest,
-            "max_relative_map_difference": largest / max(biggest_map, 1e-12),
-            "max_score_difference": score_diff, "verdicts_differ": verdicts_differ}
-
-
 def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "onnx",
                int8: bool = False, progress: bool = True) -> dict[str, Any]:
-    """``anomap export``: write ``out_dir`` (all or nothing) and return export.json."""
+    """``anomap export``: write ``out_dir`` (all or nothing) and return export.json.
+
+    The export must keep the run's decisions (:mod:`anomap.trust`) on the held-out
+    normals and synthetic anomalies pasted into them, through at least one installed
+    runtime, or nothing is written. int8 thresholds are recalibrated on the int8
+    network's own held-out maps; a few check images ship inside as the probe."""
     from anomap.calibrate import normal_split
-    from anomap.run import (
-        CALIBRATION_FILE,
-        CONFIG_FILE,
-        POSITION_STATS_FILE,
-        Detector,
-        RunExistsError,
-        geometry_from_config,
-        load_model,
-    )
+    from anomap.run import Detector, RunExistsError, geometry_from_config
 
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -324,25 +348,19 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "onnx",
         raise RunExistsError(f"{out_dir} already exists; choose another --out folder")
     if is_export(run_dir):
         raise ExportError(f"{run_dir} is an export already; export the run it came from")
-    model, config = load_model(run_dir, "cpu")
+    reference = Detector.load(run_dir, "cpu")
+    config = reference.config
     geometry = geometry_from_config(config)
     train_samples, val_samples = normal_split(config)
     held_out = load_set(val_samples or train_samples, geometry,
                         desc="reading held-out normals", progress=progress)
+    check = CheckSet.from_sets(held_out, synthetic_check_set(held_out, geometry,
+                                                             int(config["seed"])))
+    expected = reference.read(check)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        for name in (CONFIG_FILE, CALIBRATION_FILE, POSITION_STATS_FILE):
-            if (run_dir / name).is_file():
-                shutil.copy2(run_dir / name, partial / name)
-        onnx_path = export_onnx(model, partial / ONNX_FILE, geometry.size)
-        if int8:
-            fp32_path = onnx_path.rename(partial / "model.fp32.onnx")
-            quantize_int8(fp32_path, onnx_path, held_out.images)
-            fp32_path.unlink()
-        if fmt == "openvino":
-            to_openvino(onnx_path, partial / OPENVINO_FILE)
-            onnx_path.unlink()
+        _write_graphs(run_dir, partial, fmt, int8, held_out)
         record: dict[str, Any] = {
             "anomap_version": __version__, "format": fmt, "int8": int8,
             "method": config["method"], "source_run": str(run_dir.resolve()),
@@ -357,17 +375,30 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "onnx",
                                   "run does, and scores it (config.json 'model')"},
             "thresholds": "calibration.json (threshold, pixel_threshold): edit freely",
             "calibration_images": "held-out normal images of the run" if int8 else None,
+            "built_on": describe_machine(),
         }
         save_json(record, partial / EXPORT_FILE)
-        reference = Detector.load(run_dir, "cpu")
-        exported = Detector.load(partial, runtime="auto")
-        record["agreement"] = _agreement(reference, exported, held_out)
-        if not int8 and record["agreement"]["max_relative_map_difference"] > FP32_TOLERANCE:
-            raise ExportError(
-                f"the exported {fmt} network disagrees with the run: maps differ by up to "
-                f"{record['agreement']['max_relative_map_difference']:.2e} of their range "
-                f"(tolerance {FP32_TOLERANCE:g}) on {len(held_out)} held-out normals; "
-                "nothing written. Please report this with the run's config.json")
+        if int8:
+            record["recalibrated"] = _recalibrate_int8(partial, config, held_out)
+        tolerance = INT8_EXPORT if int8 else FP32_EXPORT
+        record["tolerance"] = asdict(tolerance)
+        record["check_set"] = {"n_normal": len(held_out), "n_anomalous": len(check) - len(held_out),
+                               "what": "the run's held-out normals, and the same images with a "
+                                       "synthetic anomaly pasted into each (builtin source)"}
+        by_runtime = {name: compare(expected, Detector.load(partial, runtime=name, probe="off")
+                                    .read(check), check, tolerance)
+                      for name in readable_runtimes(partial)}
+        record["agreement_by_runtime"] = by_runtime
+        record["agreement"] = by_runtime.get(default_runtime(partial),
+                                             next(iter(by_runtime.values())))
+        if not any(result["passed"] for result in by_runtime.values()):
+            raise DisagreementError(_refusal(fmt, int8, len(held_out), len(check), by_runtime))
+        probe = check.probe_indices(PROBE_PER_CLASS)
+        save_probe(check.subset(probe), Readings(expected.maps[probe], expected.scores[probe],
+                                                 expected.failed[probe], expected.threshold),
+                   partial / PROBE_FILE)
+        record["probe"] = {"file": PROBE_FILE, "n_images": len(probe),
+                           "tolerance": asdict(INT8_PROBE if int8 else FP32_PROBE)}
         save_json(record, partial / EXPORT_FILE)
         os.chmod(partial, 0o755)
         partial.rename(out_dir)
@@ -375,3 +406,70 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "onnx",
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return record
+
+
+def _write_graphs(run_dir: Path, partial: Path, fmt: str, int8: bool,
+                  held_out: LoadedSet) -> None:
+    """The run's files and the graph(s): the fp32 one, or int8 beside its fp32 one."""
+    from anomap.run import (
+        CALIBRATION_FILE,
+        CONFIG_FILE,
+        FP32_CALIBRATION_FILE,
+        FP32_POSITION_STATS_FILE,
+        POSITION_STATS_FILE,
+        geometry_from_config,
+        load_model,
+    )
+
+    model, config = load_model(run_dir, "cpu")
+    for name in (CONFIG_FILE, CALIBRATION_FILE, POSITION_STATS_FILE):
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, partial / name)
+    onnx_path = export_onnx(model, partial / ONNX_FILE, geometry_from_config(config).size)
+    graphs = [(onnx_path, partial / OPENVINO_FILE)]
+    if int8:
+        fp32_path = onnx_path.rename(partial / FP32_ONNX_FILE)
+        quantize_int8(fp32_path, onnx_path, held_out.images)
+        graphs.append((fp32_path, partial / FP32_OPENVINO_FILE))
+        for name, fp32_name in ((CALIBRATION_FILE, FP32_CALIBRATION_FILE),
+                                (POSITION_STATS_FILE, FP32_POSITION_STATS_FILE)):
+            if (partial / name).is_file():
+                shutil.copy2(partial / name, partial / fp32_name)
+    if fmt == "openvino":
+        for source, xml in graphs:
+            to_openvino(source, xml)
+            source.unlink()
+
+
+def _recalibrate_int8(folder: Path, config: dict[str, Any], held_out: LoadedSet
+                      ) -> dict[str, Any]:
+    """The int8 network's own thresholds (and position statistics), from its maps of
+    the held-out normals, as training calibrated the run's from fp32 maps."""
+    from anomap.calibrate import Calibration
+    from anomap.evaluate import infer
+    from anomap.run import CALIBRATION_FILE, Detector, load_json
+
+    detector = Detector.load(folder, runtime=default_runtime(folder), probe="off")
+    before = load_json(folder / CALIBRATION_FILE)
+    maps, scores = infer(detector.model, detector.geometry, held_out, batch_size=8,
+                         progress=False)
+    Calibration(folder, float(before["quantile"]), held_out.skipped,
+                config.get("map_normalization", "none"), detector.model.image_score).write(
+        maps, scores, int(before.get("best_epoch", 0)),
+        source=f"held-out normals through the int8 network ({detector.runtime})")
+    after = load_json(folder / CALIBRATION_FILE)
+    return {key: [before[key], after[key]] for key in ("threshold", "pixel_threshold")
+            if key in before}
+
+
+def _refusal(fmt: str, int8: bool, n_normal: int, n_check: int,
+             by_runtime: dict[str, dict[str, Any]]) -> str:
+    kind = f"{fmt}{' int8' if int8 else ''}"
+    found = "; ".join(f"{name}: {', '.join(result['problems'])}"
+                      for name, result in by_runtime.items())
+    advice = ("Try an fp32 export (drop --int8): it is checked to match the run and runs on "
+              "any CPU; int8 keeps decisions best on CPUs with VNNI (docs/deployment.md)"
+              if int8 else "Please report this with the run's config.json")
+    return (f"the {kind} export does not keep the run's decisions on its {n_normal} held-out "
+            f"normals and {n_check - n_normal} synthetic anomalies ({found}); nothing written. "
+            f"{advice}")

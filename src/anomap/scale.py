@@ -40,13 +40,14 @@ from anomap.runtimes import require
 class _Scorer:
     """One Ray actor: the Detector loaded once, then batches of paths -> rows."""
 
-    def __init__(self, run: str, runtime: str, pictures: str | None) -> None:
+    def __init__(self, run: str, runtime: str, pictures: str | None,
+                 probe: str = "refuse") -> None:
         import torch
 
         from anomap.run import Detector
 
         torch.set_num_threads(1)  # one core per actor; Ray gives each its own
-        self.detector = Detector.load(run, "cpu", runtime=runtime)
+        self.detector = Detector.load(run, "cpu", runtime=runtime, probe=probe)
         self.pictures = Path(pictures) if pictures else None
 
     def _decode(self, path: str, relative: str) -> _Decoded:
@@ -109,7 +110,7 @@ def inspect_on_ray(run: str | Path, inputs: Sequence[str | Path], output: Path |
                    *, fmt: str = "jsonl", resume: bool = False, overwrite: bool = False,
                    pictures: Path | None = None, batch_size: int = 8, actors: int = 2,
                    runtime: str = "auto", address: str | None = None,
-                   stream: IO[str] | None = None) -> Summary:
+                   stream: IO[str] | None = None, probe: str = "refuse") -> Summary:
     """Score ``inputs`` on a Ray actor pool: files and folders (as plain predict),
     URIs that pyarrow's file systems read (``s3://``, ``gs://``, ``file://``), or a
     Ray Dataset with a ``path`` column."""
@@ -141,7 +142,8 @@ def inspect_on_ray(run: str | Path, inputs: Sequence[str | Path], output: Path |
     else:
         dataset = records.filter(lambda r: r["path"] not in done) if done else records
     scored = dataset.map_batches(
-        _Scorer, fn_constructor_args=(str(run), runtime, str(pictures) if pictures else None),
+        _Scorer, fn_constructor_args=(str(run), runtime, str(pictures) if pictures else None,
+                                      probe),
         batch_size=batch_size, concurrency=actors, num_cpus=1, batch_format="numpy")
     parquet_rows: list[dict[str, Any]] = []
     try:

@@ -238,14 +238,15 @@ def _png(array: np.ndarray) -> bytes:
 
 
 def create_app(models: dict[str, Detector | str | Path], settings: ServeSettings | None = None,
-               runtime: str = "auto", device: str = "auto") -> Any:
-    """The ASGI app serving ``models`` (name -> Detector, run or export folder)."""
+               runtime: str = "auto", device: str = "auto", probe: str = "refuse") -> Any:
+    """The ASGI app serving ``models`` (name -> Detector, run or export folder);
+    exports replay their probe first (``probe``: see :meth:`Detector.load`)."""
 
     settings = settings or ServeSettings()
     served: dict[str, ServedModel] = {}
     for name, source in models.items():
         detector = source if isinstance(source, Detector) else Detector.load(
-            source, device, runtime=runtime)
+            source, device, runtime=runtime, probe=probe)
         folder = None if isinstance(source, Detector) else Path(source)
         metrics_file = folder / "metrics.json" if folder else None
         metrics = (json.loads(metrics_file.read_text())
@@ -477,10 +478,10 @@ def create_app(models: dict[str, Detector | str | Path], settings: ServeSettings
 
 
 def serve(models: dict[str, str | Path], settings: ServeSettings, runtime: str = "auto",
-          device: str = "auto") -> None:
+          device: str = "auto", probe: str = "refuse") -> None:
     """Load the models and serve until interrupted."""
     uvicorn = require("uvicorn")
     settings.check()
-    app = create_app(models, settings, runtime, device)
+    app = create_app(models, settings, runtime, device, probe)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
                 timeout_keep_alive=5)

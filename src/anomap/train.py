@@ -50,7 +50,7 @@ from anomap.run import (
     resolve_device,
 )
 from anomap.standardize import PositionStats, check_normalization, require_enough_images
-from anomap.synth import make_anomaly_source, synthesize
+from anomap.synth.check import synthetic_check_set
 
 log = logging.getLogger(__name__)
 
@@ -295,27 +295,6 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
             "decisions": {k: (config["model"][k], why)
                           for k, why in config.get("decisions", {}).items()},
             **load_json(run_dir / CALIBRATION_FILE)}
-
-
-def synthetic_check_set(val_set: LoadedSet, geometry: Geometry, seed: int,
-                        source: str = "builtin") -> LoadedSet:
-    """The held-out normals with a synthetic anomaly pasted into each (fixed
-    seed, so every epoch is judged on the same images); masks in the
-    evaluation frame. Images whose anomaly fell on letterbox padding only are
-    dropped."""
-    generator = torch.Generator().manual_seed(seed + 7919)
-    textures = make_anomaly_source(source, geometry.size)
-    images, masks = [], []
-    with torch.no_grad():
-        for start in range(0, len(val_set), 64):  # in chunks: float copies of a big set add up
-            batch, mask = synthesize(to_float(val_set.images[start:start + 64]), textures,
-                                     p_anomaly=1.0, generator=generator)
-            images.append(batch.mul_(255.0).add_(0.5).to(torch.uint8))
-            masks.append(geometry.restore(mask[:, 0], val_set.boxes[start:start + 64]) > 0.5)
-    restored = torch.cat(masks)
-    keep = restored.flatten(1).any(dim=1).nonzero().flatten().tolist()
-    return LoadedSet(samples=[val_set.samples[i] for i in keep], images=torch.cat(images)[keep],
-                     boxes=[val_set.boxes[i] for i in keep], masks=restored[keep], skipped=[])
 
 
 def synthetic_aurocs(model: AnomalyModel | InferenceModel, geometry: Geometry,

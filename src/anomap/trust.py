@@ -1,0 +1,204 @@
+"""Whether a network other than the run's own keeps the run's decisions.
+
+An export (fp32 or int8, ONNX Runtime or OpenVINO) is only as good as the
+verdicts and heat maps it gives where it runs. int8 above all: on a CPU
+without VNNI, int8 convolutions multiply-add through 16-bit intermediates that
+can saturate, and an export that was fine where it was built can fail every
+good part elsewhere. So agreement is measured on what the run may use, never a
+test image: held-out normal images and synthetic anomalies pasted into them.
+
+- At export, every image of that check set goes through the run (fp32) and
+  the export; the export is refused unless :func:`compare` finds the verdicts
+  and the localisation (pixel AUROC on the synthetic anomalies) within a
+  :class:`Tolerance` of the run's.
+- A few of those images, with the run's readings of them, ship inside the
+  export as a probe (``probe.npz``); loading the export replays them on the
+  machine it runs on (:func:`replay`), so a runtime that disagrees there is
+  refused before it judges a single part.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from anomap.data import Box, LoadedSet
+from anomap.metrics import image_auroc, pixel_auroc
+
+PROBE_FILE = "probe.npz"
+#: what Detector.load does when a runtime fails its probe: refuse to load, load the
+#: export's fp32 graph instead (with a warning), or skip the probe
+PROBE_ACTIONS = ("refuse", "fallback", "off")
+
+
+class DisagreementError(RuntimeError):
+    """A network that does not keep the run's decisions (at export, or at load)."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far a network may stray from the run's own readings.
+
+    ``verdict_share``: the share of images whose pass/fail may differ (at least
+    one image is always allowed, for a score that sits on the threshold);
+    None: verdicts are not compared. AUROC drops are of the synthetic
+    anomalies against the clean normals; None: not compared.
+    ``relative_map_difference``: the largest map difference, relative to the
+    run's largest map value; None: not compared (int8 maps differ by design)."""
+
+    verdict_share: float | None = None
+    image_auroc_drop: float | None = None
+    pixel_auroc_drop: float | None = None
+    relative_map_difference: float | None = None
+
+    def allowed_verdict_changes(self, n: int) -> int:
+        return 0 if self.verdict_share is None else max(1, math.floor(self.verdict_share * n))
+
+
+#: an fp32 export against the run it came from, on the machine that built it: only
+#: float rounding may differ
+FP32_EXPORT = Tolerance(relative_map_difference=1e-4)
+#: an fp32 graph on another machine: other kernels, other rounding, nothing more
+FP32_PROBE = Tolerance(relative_map_difference=1e-3)
+#: an int8 export against the run, on the whole check set (docs/deployment.md)
+INT8_EXPORT = Tolerance(verdict_share=0.05, image_auroc_drop=0.02, pixel_auroc_drop=0.02)
+#: an int8 graph replaying the probe: 16 images give a coarser image AUROC
+INT8_PROBE = Tolerance(verdict_share=0.05, image_auroc_drop=0.05, pixel_auroc_drop=0.02)
+
+
+@dataclass(frozen=True)
+class CheckSet:
+    """Network inputs, what maps their maps back to the evaluation frame, and which
+    hold a (synthetic) anomaly where."""
+
+    inputs: np.ndarray  # (N, S, S, 3) uint8, the network's input
+    boxes: list[Box]
+    labels: np.ndarray  # (N,) 0 normal, 1 anomalous
+    masks: np.ndarray  # (N, S, S) bool, evaluation frame
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @classmethod
+    def from_sets(cls, normals: LoadedSet, anomalies: LoadedSet) -> CheckSet:
+        """Clean held-out normals followed by the same kind of images with anomalies."""
+        size = normals.images.shape[-1]
+        assert anomalies.masks is not None
+        images = torch.cat((normals.images, anomalies.images)).permute(0, 2, 3, 1)
+        masks = torch.cat((torch.zeros(len(normals), size, size, dtype=torch.bool),
+                           anomalies.masks))
+        return cls(np.ascontiguousarray(images.numpy()), normals.boxes + anomalies.boxes,
+                   np.r_[np.zeros(len(normals)), np.ones(len(anomalies))].astype(np.int8),
+                   masks.numpy())
+
+    def subset(self, indices: list[int]) -> CheckSet:
+        return CheckSet(self.inputs[indices], [self.boxes[i] for i in indices],
+                        self.labels[indices], self.masks[indices])
+
+    def probe_indices(self, per_class: int) -> list[int]:
+        """The first ``per_class`` normal and anomalous images: the probe's."""
+        normal = np.flatnonzero(self.labels == 0)[:per_class]
+        anomalous = np.flatnonzero(self.labels == 1)[:per_class]
+        return [int(i) for i in np.r_[normal, anomalous]]
+
+
+@dataclass(frozen=True)
+class Readings:
+    """What one network (through the one read path, ``Detector.read``) made of a check set."""
+
+    maps: np.ndarray  # (N, S, S) float32, evaluation frame, as the verdict reads them
+    scores: np.ndarray  # (N,)
+    failed: np.ndarray  # (N,) bool verdicts
+    threshold: float
+
+
+def compare(reference: Readings, candidate: Readings, check: CheckSet,
+            tolerance: Tolerance) -> dict[str, Any]:
+    """How far ``candidate`` is from ``reference`` on ``check``: a JSON-ready record
+    whose ``problems`` list says, in words, each tolerance broken (empty: it passed)."""
+    labels, normal = check.labels, check.labels == 0
+    span = max(float(np.abs(reference.maps).max()), 1e-12)
+    changed = reference.failed != candidate.failed
+    record: dict[str, Any] = {
+        "n_normal": int(normal.sum()), "n_anomalous": int((~normal).sum()),
+        "reference_threshold": reference.threshold, "threshold": candidate.threshold,
+        "verdicts_differ": int(changed.sum()),
+        "verdicts_differ_on_normals": int(changed[normal].sum()),
+        "normals_failed": [int(reference.failed[normal].sum()),
+                           int(candidate.failed[normal].sum())],
+        "max_relative_map_difference": float(np.abs(reference.maps - candidate.maps).max()) / span,
+    }
+    if labels.any() and normal.any():
+        record["synthetic_image_auroc"] = [image_auroc(labels, reference.scores),
+                                           image_auroc(labels, candidate.scores)]
+        record["synthetic_pixel_auroc"] = [pixel_auroc(check.masks, reference.maps),
+                                           pixel_auroc(check.masks, candidate.maps)]
+    problems = []
+    allowed = tolerance.allowed_verdict_changes(len(check))
+    if tolerance.verdict_share is not None and record["verdicts_differ"] > allowed:
+        problems.append(f"verdicts differ on {record['verdicts_differ']} of {len(check)} images "
+                        f"(normals failed: {record['normals_failed'][1]} of "
+                        f"{record['n_normal']} against the run's {record['normals_failed'][0]}; "
+                        f"tolerance {allowed})")
+    for key, limit, what in (("synthetic_image_auroc", tolerance.image_auroc_drop, "image"),
+                             ("synthetic_pixel_auroc", tolerance.pixel_auroc_drop, "pixel")):
+        if limit is not None and key in record:
+            ours, theirs = record[key]
+            if not theirs >= ours - limit:  # NaN fails too
+                problems.append(f"{what} AUROC on the synthetic anomalies {theirs:.3f} against "
+                                f"the run's {ours:.3f} (tolerance {limit})")
+    if (tolerance.relative_map_difference is not None
+            and not record["max_relative_map_difference"] <= tolerance.relative_map_difference):
+        problems.append(f"maps differ by up to {record['max_relative_map_difference']:.2e} of "
+                        f"their range (tolerance {tolerance.relative_map_difference:g})")
+    record["problems"] = problems
+    record["passed"] = not problems
+    return record
+
+
+def save_probe(check: CheckSet, reference: Readings, path: Path) -> Path:
+    """The probe: a few check images with the run's own readings (maps in float16:
+    their rounding is far below any tolerance that uses them)."""
+    boxes = np.array([[b.top, b.left, b.height, b.width] for b in check.boxes], dtype=np.int32)
+    with path.open("wb") as handle:
+        np.savez_compressed(handle, inputs=check.inputs, boxes=boxes, labels=check.labels,
+                            masks=np.packbits(check.masks, axis=-1),
+                            maps=reference.maps.astype(np.float16), scores=reference.scores,
+                            failed=reference.failed, threshold=np.float64(reference.threshold))
+    return path
+
+
+def load_probe(folder: Path) -> tuple[CheckSet, Readings] | None:
+    """An export's probe and the run's readings of it; None for exports made before probes."""
+    path = Path(folder) / PROBE_FILE
+    if not path.is_file():
+        return None
+    with np.load(path) as data:
+        size = data["inputs"].shape[2]
+        check = CheckSet(data["inputs"], [Box(*map(int, row)) for row in data["boxes"]],
+                         data["labels"], np.unpackbits(data["masks"], axis=-1,
+                                                       count=size).astype(bool))
+        readings = Readings(data["maps"].astype(np.float32), data["scores"], data["failed"],
+                            float(data["threshold"]))
+    return check, readings
+
+
+def replay(read: Callable[[CheckSet], Readings], probe: tuple[CheckSet, Readings],
+           tolerance: Tolerance) -> dict[str, Any]:
+    """Run the probe through ``read`` (a Detector's) here, timed after one warm-up image,
+    and compare with the run's stored readings."""
+    check, reference = probe
+    read(check.subset([0]))
+    started = time.perf_counter()
+    readings = read(check)
+    seconds = time.perf_counter() - started
+    record = compare(reference, readings, check, tolerance)
+    record.update(seconds=round(seconds, 4), images_per_second=round(len(check) / seconds, 2))
+    return record
