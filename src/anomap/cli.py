@@ -477,9 +477,9 @@ def cmd_export(args: argparse.Namespace) -> int:
                 f"{agreement['n_anomalous']} synthetic anomalies, maps within "
                 f"{agreement['max_relative_map_difference']:.1e} of their range, "
                 f"{agreement['verdicts_differ']} verdicts differ")
-        if "synthetic_pixel_auroc" in agreement:
-            line += (", synthetic pixel AUROC {1:.3f} (run {0:.3f})"
-                     .format(*agreement["synthetic_pixel_auroc"]))
+        for kind, aurocs in agreement.get("synthetic_by_kind", {}).items():
+            line += ", {kind} pixel AUROC {1:.3f} (run {0:.3f})".format(
+                *aurocs["pixel_auroc"], kind=kind)
         print(line + ("" if agreement["passed"] else
                       f"; FAILS: {', '.join(agreement['problems'])}"))
     if "recalibrated" in record:

@@ -33,6 +33,7 @@ from anomap.data import Box, LoadedSet
 from anomap.metrics import image_auroc, pixel_auroc
 
 PROBE_FILE = "probe.npz"
+NORMAL = "normal"
 #: what Detector.load does when a runtime fails its probe: refuse to load, load the
 #: export's fp32 graph instead (with a warning), or skip the probe
 PROBE_ACTIONS = ("refuse", "fallback", "off")
@@ -80,33 +81,38 @@ class CheckSet:
 
     inputs: np.ndarray  # (N, S, S, 3) uint8, the network's input
     boxes: list[Box]
-    labels: np.ndarray  # (N,) 0 normal, 1 anomalous
+    kinds: np.ndarray  # (N,) str: "normal", or the kind of anomaly pasted in
     masks: np.ndarray  # (N, S, S) bool, evaluation frame
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.kinds)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return (self.kinds != NORMAL).astype(np.int8)
 
     @classmethod
-    def from_sets(cls, normals: LoadedSet, anomalies: LoadedSet) -> CheckSet:
-        """Clean held-out normals followed by the same kind of images with anomalies."""
+    def from_sets(cls, normals: LoadedSet, **anomalies: LoadedSet) -> CheckSet:
+        """Clean held-out normals followed by the same images with anomalies of each kind."""
         size = normals.images.shape[-1]
-        assert anomalies.masks is not None
-        images = torch.cat((normals.images, anomalies.images)).permute(0, 2, 3, 1)
-        masks = torch.cat((torch.zeros(len(normals), size, size, dtype=torch.bool),
-                           anomalies.masks))
-        return cls(np.ascontiguousarray(images.numpy()), normals.boxes + anomalies.boxes,
-                   np.r_[np.zeros(len(normals)), np.ones(len(anomalies))].astype(np.int8),
-                   masks.numpy())
+        parts = [normals, *anomalies.values()]
+        images = torch.cat([part.images for part in parts]).permute(0, 2, 3, 1)
+        masks = torch.cat([torch.zeros(len(normals), size, size, dtype=torch.bool)]
+                          + [part.masks for part in anomalies.values()
+                             if part.masks is not None])
+        kinds = np.array([NORMAL] * len(normals)
+                         + [kind for kind, part in anomalies.items() for _ in range(len(part))])
+        return cls(np.ascontiguousarray(images.numpy()),
+                   [box for part in parts for box in part.boxes], kinds, masks.numpy())
 
     def subset(self, indices: list[int]) -> CheckSet:
         return CheckSet(self.inputs[indices], [self.boxes[i] for i in indices],
-                        self.labels[indices], self.masks[indices])
+                        self.kinds[indices], self.masks[indices])
 
-    def probe_indices(self, per_class: int) -> list[int]:
-        """The first ``per_class`` normal and anomalous images: the probe's."""
-        normal = np.flatnonzero(self.labels == 0)[:per_class]
-        anomalous = np.flatnonzero(self.labels == 1)[:per_class]
-        return [int(i) for i in np.r_[normal, anomalous]]
+    def probe_indices(self, per_kind: int) -> list[int]:
+        """The first ``per_kind`` images of each kind, normals first: the probe's."""
+        order = [NORMAL, *sorted(set(self.kinds.tolist()) - {NORMAL})]
+        return [int(i) for kind in order for i in np.flatnonzero(self.kinds == kind)[:per_kind]]
 
 
 @dataclass(frozen=True)
@@ -123,7 +129,7 @@ def compare(reference: Readings, candidate: Readings, check: CheckSet,
             tolerance: Tolerance) -> dict[str, Any]:
     """How far ``candidate`` is from ``reference`` on ``check``: a JSON-ready record
     whose ``problems`` list says, in words, each tolerance broken (empty: it passed)."""
-    labels, normal = check.labels, check.labels == 0
+    normal = check.kinds == NORMAL
     span = max(float(np.abs(reference.maps).max()), 1e-12)
     changed = reference.failed != candidate.failed
     record: dict[str, Any] = {
@@ -135,9 +141,19 @@ def compare(reference: Readings, candidate: Readings, check: CheckSet,
                            int(candidate.failed[normal].sum())],
         "max_relative_map_difference": float(np.abs(reference.maps - candidate.maps).max()) / span,
     }
-    if labels.any() and normal.any():
-        record["synthetic_image_auroc"] = [image_auroc(labels, reference.scores),
-                                           image_auroc(labels, candidate.scores)]
+    by_kind: dict[str, dict[str, list[float]]] = {}
+    for kind in sorted(set(check.kinds.tolist()) - {NORMAL}):
+        chosen = normal | (check.kinds == kind)
+        labels, masks = check.labels[chosen], check.masks[chosen]
+        by_kind[kind] = {
+            "image_auroc": [image_auroc(labels, reference.scores[chosen]),
+                            image_auroc(labels, candidate.scores[chosen])],
+            "pixel_auroc": [pixel_auroc(masks, reference.maps[chosen]),
+                            pixel_auroc(masks, candidate.maps[chosen])]}
+    if by_kind and normal.any():
+        record["synthetic_by_kind"] = by_kind
+        record["synthetic_image_auroc"] = [image_auroc(check.labels, reference.scores),
+                                           image_auroc(check.labels, candidate.scores)]
         record["synthetic_pixel_auroc"] = [pixel_auroc(check.masks, reference.maps),
                                            pixel_auroc(check.masks, candidate.maps)]
     problems = []
@@ -147,13 +163,13 @@ def compare(reference: Readings, candidate: Readings, check: CheckSet,
                         f"(normals failed: {record['normals_failed'][1]} of "
                         f"{record['n_normal']} against the run's {record['normals_failed'][0]}; "
                         f"tolerance {allowed})")
-    for key, limit, what in (("synthetic_image_auroc", tolerance.image_auroc_drop, "image"),
-                             ("synthetic_pixel_auroc", tolerance.pixel_auroc_drop, "pixel")):
-        if limit is not None and key in record:
-            ours, theirs = record[key]
-            if not theirs >= ours - limit:  # NaN fails too
-                problems.append(f"{what} AUROC on the synthetic anomalies {theirs:.3f} against "
-                                f"the run's {ours:.3f} (tolerance {limit})")
+    for kind, aurocs in by_kind.items():
+        for key, limit in (("image_auroc", tolerance.image_auroc_drop),
+                           ("pixel_auroc", tolerance.pixel_auroc_drop)):
+            ours, theirs = aurocs[key]
+            if limit is not None and not theirs >= ours - limit:  # NaN fails too
+                problems.append(f"{key.split('_')[0]} AUROC on the synthetic {kind} anomalies "
+                                f"{theirs:.3f} against the run's {ours:.3f} (tolerance {limit})")
     if (tolerance.relative_map_difference is not None
             and not record["max_relative_map_difference"] <= tolerance.relative_map_difference):
         problems.append(f"maps differ by up to {record['max_relative_map_difference']:.2e} of "
@@ -168,7 +184,7 @@ def save_probe(check: CheckSet, reference: Readings, path: Path) -> Path:
     their rounding is far below any tolerance that uses them)."""
     boxes = np.array([[b.top, b.left, b.height, b.width] for b in check.boxes], dtype=np.int32)
     with path.open("wb") as handle:
-        np.savez_compressed(handle, inputs=check.inputs, boxes=boxes, labels=check.labels,
+        np.savez_compressed(handle, inputs=check.inputs, boxes=boxes, kinds=check.kinds,
                             masks=np.packbits(check.masks, axis=-1),
                             maps=reference.maps.astype(np.float16), scores=reference.scores,
                             failed=reference.failed, threshold=np.float64(reference.threshold))
@@ -183,7 +199,7 @@ def load_probe(folder: Path) -> tuple[CheckSet, Readings] | None:
     with np.load(path) as data:
         size = data["inputs"].shape[2]
         check = CheckSet(data["inputs"], [Box(*map(int, row)) for row in data["boxes"]],
-                         data["labels"], np.unpackbits(data["masks"], axis=-1,
+                         data["kinds"], np.unpackbits(data["masks"], axis=-1,
                                                        count=size).astype(bool))
         readings = Readings(data["maps"].astype(np.float32), data["scores"], data["failed"],
                             float(data["threshold"]))
