@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from anomap.data import describe_geometry
+from anomap.machine import machine_line
 from anomap.methods import METHODS
 
 BENCHMARKS = Path(__file__).resolve().parent
@@ -115,10 +116,22 @@ def per_type_table() -> str:
     return "\n".join(lines)
 
 
+def _machine(record: dict) -> str:
+    """Which machine a result file was measured on, in one line."""
+    machine = record.get("machine")
+    if not isinstance(machine, dict) or "isa" not in machine:
+        return ("Machine: not recorded (measured before anomap recorded the CPU; earlier "
+                "machines of this project were Intel CPUs with VNNI)")
+    load = machine.get("load_average_1_5_15_min")
+    return f"Machine: {machine_line(machine)}" + (f"; load average {load[0]} at the end"
+                                                  if load else "")
+
+
 def speed_table(path: Path) -> str:
     """Inference rows (model x precision x batch), then one training row per model."""
     record = json.loads(path.read_text())
-    lines = [f"Device: {record['device']}, {record['size']}x{record['size']}"]
+    lines = [_machine(record), "",
+             f"Device: {record['device']}, {record['size']}x{record['size']}"]
     if any(e["inference"] for e in record["results"].values()):
         lines += ["", "| model | GFLOP/img | precision | batch | model img/s "
                   "| end-to-end img/s | GFLOP/s (model / e2e) |", "|---|---|---|---|---|---|---|"]
@@ -420,8 +433,10 @@ def fractalad_length(here: Path = REPOSITORY) -> str:
 
 def runtimes_table(run: str) -> str:
     """One trained run through every runtime (``benchmarks/runtimes.py``)."""
-    entry = json.loads((SPEED / "runtimes.json").read_text())[run]
-    lines = ["| runtime | precision | model img/s b1 | model img/s b8 | end to end b8, same "
+    record = json.loads((SPEED / "runtimes.json").read_text())
+    entry = record[run]
+    lines = [_machine(record), "",
+             "| runtime | precision | model img/s b1 | model img/s b8 | end to end b8, same "
              "thread | end to end b8, decode pool | GFLOP/s (b8 model) | peak RSS MiB "
              "| image AUROC | pixel AUROC | AUPRO |", "|---" * 11 + "|"]
     for variant, e in entry.items():
@@ -436,10 +451,44 @@ def runtimes_table(run: str) -> str:
     return "\n".join(lines)
 
 
+def int8_table(path: Path) -> str:
+    """int8 against fp32 for every method (``benchmarks/int8_check.py``)."""
+    record = json.loads(path.read_text())
+    start = record["machine"].get("load_average_1_5_15_min")
+    end = record.get("machine_at_end", {}).get("load_average_1_5_15_min")
+    lines = [f"Machine: {machine_line(record['machine'])}"
+             + (f"{', GPU ' + record['machine']['gpu'] if record['machine'].get('gpu') else ''}")
+             + (f"; load average {start[0]} at the start, {end[0]} at the end"
+                if start and end else ""), "",
+             "| method | epochs | variant | image AUROC | pixel AUROC | AUPRO "
+             "| good test images failed | model img/s | end to end img/s | export check "
+             "| probe here |", "|---" * 11 + "|"]
+    for method, entry in record["methods"].items():
+        for variant in ("torch-fp32", "onnxruntime-fp32", "openvino-fp32", "onnxruntime-int8",
+                        "openvino-int8"):
+            row = entry.get(variant)
+            if not row or "skipped" in row:
+                continue
+            kind = variant.split("-")[1]
+            check = ("" if variant == "torch-fp32" else
+                     "refused (measured unchecked)" if entry.get(f"{kind}_refused") else "passed")
+            probe = ("" if variant == "torch-fp32" else
+                     "refused" if "probe_refused" in row else
+                     f"passed, {row['probe']['seconds']:.2f} s")
+            lines.append(
+                f"| {method} | {entry['epochs']} | {variant} | {row['image_auroc']:.3f} "
+                f"| {row['pixel_auroc']:.3f} | {row['aupro']:.3f} "
+                f"| {row['good_test_images_failed']} of {row['n_good_test_images']} "
+                f"| {row['model_images_per_second']:.1f} | {row['images_per_second']:.1f} "
+                f"| {check} | {probe} |")
+    return "\n".join(lines)
+
+
 def _runtime_runs() -> list[str]:
     path = SPEED / "runtimes.json"
     record = json.loads(path.read_text()) if path.exists() else {}
-    return [key for key, value in record.items() if isinstance(value, dict)]
+    return [key for key, value in record.items() if isinstance(value, dict)
+            and key != "machine"]
 
 
 def tables() -> dict[str, Callable[[Path], str]]:
@@ -456,6 +505,8 @@ def tables() -> dict[str, Callable[[Path], str]]:
         "speed-before-after": lambda here: before_after_table()}
     for run in _runtime_runs():
         named[f"runtimes/{run}"] = lambda here, run=run: runtimes_table(run)
+    for path in sorted(SPEED.glob("int8_check*.json")):
+        named[f"int8/{path.stem}"] = lambda here, path=path: int8_table(path)
     for path in sorted(SPEED.glob("speed*.json")):
         named[f"speed/{path.stem}"] = lambda here, path=path: speed_table(path)
     return named

@@ -170,13 +170,17 @@ def test_int8_export_records_its_agreement_its_own_threshold_and_a_probe(
     assert json.loads((export / "calibration.json").read_text())["threshold"] == new
     assert json.loads((export / "calibration.fp32.json").read_text())["threshold"] == old
     assert record["built_on"]["isa"].keys() >= {"avx2", "avx512_vnni", "amx_int8"}
-    check, readings = trust.load_probe(export)
+    probe = trust.load_probe(export)
+    check = probe.check
     assert set(check.kinds) == {"normal", "texture", "line"}
     assert check.masks[check.labels == 1].any() and not check.masks[check.labels == 0].any()
-    # the stored readings are the run's own, through the same read path
+    # the stored readings are the run's own and the int8 graph's, through the same read path
     ours = Detector.load(trained_run, "cpu").read(check)
-    assert np.abs(ours.maps - readings.maps).max() <= 1e-3 * np.abs(ours.maps).max()
-    assert (ours.failed == readings.failed).all()
+    assert np.abs(ours.maps - probe.run.maps).max() <= 1e-3 * np.abs(ours.maps).max()
+    assert (ours.failed == probe.run.failed).all()
+    int8 = Detector.load(export, runtime="onnxruntime", probe="off").read(check)
+    assert np.abs(int8.maps - probe.int8.maps).max() <= 1e-3 * np.abs(int8.maps).max()
+    assert probe.int8.threshold == new
 
 
 def test_a_runtime_that_disagrees_where_it_runs_is_refused_or_falls_back(

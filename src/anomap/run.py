@@ -36,8 +36,6 @@ from anomap.export import InferenceModel, resolve_precision
 from anomap.methods import AnomalyModel, build_untrained
 from anomap.standardize import PositionStats
 from anomap.trust import (
-    FP32_PROBE,
-    INT8_PROBE,
     PROBE_ACTIONS,
     CheckSet,
     DisagreementError,
@@ -297,10 +295,9 @@ class Detector:
         int8 = bool(export.get("int8"))
         tried: list[tuple[Detector, dict[str, Any]]] = []
         for graph_is_fp32 in ((False, True) if int8 and probe == "fallback" else (False,)):
-            tolerance = FP32_PROBE if graph_is_fp32 or not int8 else INT8_PROBE
             for name in candidates:
                 detector = cls._from_export(path, config, name, graph_is_fp32)
-                report = replay(detector.read, stored, tolerance)
+                report = replay(detector.read, stored, int8 and not graph_is_fp32)
                 report.update(runtime=name, graph="fp32" if graph_is_fp32 or not int8
                               else "int8")
                 tried.append((detector, report))
@@ -319,13 +316,13 @@ class Detector:
                       "without --int8" if int8 else "report this with the export's export.json")
             raise DisagreementError(
                 f"{path}: the export does not keep the run's decisions on this machine "
-                f"({len(stored[0])} probe images: {failures}); {advice}")
+                f"({len(stored.check)} probe images: {failures}); {advice}")
         detector, best = max(passing, key=lambda pair: pair[1]["images_per_second"])
         others = [f"{r['runtime']} {r['graph']} {r['images_per_second']:g} img/s"
                   + ("" if r["passed"] else " (failed the probe)")
                   for d, r in tried if d is not detector]
         why = (f"passed the probe on this machine ({best['seconds']:.2f} s for "
-               f"{len(stored[0])} images, {best['images_per_second']:g} img/s)")
+               f"{len(stored.check)} images, {best['images_per_second']:g} img/s)")
         if others:
             why += f"; the fastest that passed, against {', '.join(others)}"
         detector.load_report = {"runtime": best["runtime"], "graph": best["graph"], "why": why,

@@ -53,7 +53,7 @@ from anomap.trust import (
     PROBE_FILE,
     CheckSet,
     DisagreementError,
-    Readings,
+    Probe,
     compare,
     save_probe,
 )
@@ -398,19 +398,21 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "onnx",
                                "what": "the run's held-out normals, and the same images with "
                                        "a texture pasted through a Perlin mask (texture) or "
                                        "thin lines drawn (line) into each"}
-        by_runtime = {name: compare(expected, Detector.load(partial, runtime=name, probe="off")
-                                    .read(check), check, tolerance)
-                      for name in readable_runtimes(partial)}
+        readings = {name: Detector.load(partial, runtime=name, probe="off").read(check)
+                    for name in readable_runtimes(partial)}
+        by_runtime = {name: compare(expected, got, check, tolerance)
+                      for name, got in readings.items()}
         record["agreement_by_runtime"] = by_runtime
-        record["agreement"] = by_runtime.get(default_runtime(partial),
-                                             next(iter(by_runtime.values())))
+        own = default_runtime(partial) if default_runtime(partial) in readings else \
+            next(iter(readings))
+        record["agreement"] = by_runtime[own]
         if not any(result["passed"] for result in by_runtime.values()):
             raise DisagreementError(_refusal(fmt, int8, len(held_out), len(check), by_runtime))
-        probe = check.probe_indices(PROBE_PER_KIND)
-        save_probe(check.subset(probe), Readings(expected.maps[probe], expected.scores[probe],
-                                                 expected.failed[probe], expected.threshold),
-                   partial / PROBE_FILE)
-        record["probe"] = {"file": PROBE_FILE, "n_images": len(probe),
+        picked = check.probe_indices(PROBE_PER_KIND)
+        save_probe(Probe(check.subset(picked), expected.subset(picked),
+                         readings[own].subset(picked) if int8 else None), partial / PROBE_FILE)
+        record["probe"] = {"file": PROBE_FILE, "n_images": len(picked),
+                           "int8_readings_from": own if int8 else None,
                            "tolerance": asdict(INT8_PROBE if int8 else FP32_PROBE)}
         save_json(record, partial / EXPORT_FILE)
         os.chmod(partial, 0o755)
