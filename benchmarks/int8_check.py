@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -89,21 +90,25 @@ def make_exports(run: Path, folder: Path) -> dict[str, Any]:
     return record
 
 
+def probe_here(path: Path, runtime: str) -> dict[str, Any]:
+    """The export's probe replayed on this machine by ``runtime``, and the load's time."""
+    from anomap.run import Detector
+
+    entry: dict[str, Any] = {"probe": None, "probe_refused": None}
+    started = time.perf_counter()
+    try:
+        entry["probe"] = Detector.load(path, runtime=runtime).load_report["tried"][0]
+    except RuntimeError as error:
+        entry["probe_refused"] = str(error)
+    entry["load_seconds"] = round(time.perf_counter() - started, 2)
+    return entry
+
+
 def measure(path: Path, runtime: str) -> dict[str, Any]:
     """Test-split metrics and speed of one variant, and its probe replayed here."""
     from anomap.evaluate import evaluate_run
-    from anomap.run import Detector
 
-    entry: dict[str, Any] = {}
-    if runtime != "torch":
-        started = time.perf_counter()
-        try:
-            detector = Detector.load(path, runtime=runtime)
-            entry["probe"] = detector.load_report["tried"][0]
-        except RuntimeError as error:
-            entry["probe_refused"] = str(error)
-            detector = Detector.load(path, runtime=runtime, probe="off")
-        entry["load_seconds"] = round(time.perf_counter() - started, 2)
+    entry: dict[str, Any] = {} if runtime == "torch" else probe_here(path, runtime)
     with tempfile.TemporaryDirectory() as out:
         result = evaluate_run(path, out_dir=out, runtime=runtime, probe="off", panels=False,
                               progress=False)
@@ -127,6 +132,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/anomap_int8"))
     parser.add_argument("--name", default="speed/int8_check")
     parser.add_argument("--out", type=Path, help="JSON to write (default: results/NAME.json)")
+    parser.add_argument("--reprobe", action="store_true",
+                        help="make the int8 exports again and replay their probes only, "
+                             "keeping the test metrics (quantisation is deterministic)")
     args = parser.parse_args()
     out = args.out or ROOT / "results" / f"{args.name}.json"
     data = data_folder(args.data, args.work)
@@ -140,13 +148,19 @@ def main() -> None:
         entry["train_seconds"] = train_run(method, data, run, args.epochs or EPOCHS[method],
                                            args.image_size) or entry.get("train_seconds", 0.0)
         entry["epochs"] = json.loads((run / "config.json").read_text())["recipe"]["epochs"]
+        if args.reprobe:
+            shutil.rmtree(args.work / "exports" / run.name / "int8", ignore_errors=True)
+            entry.pop("int8_refused", None)
         entry.update(make_exports(run, args.work / "exports" / run.name))
         for name, (kind, runtime) in VARIANTS.items():
+            if args.reprobe and kind != "int8":
+                continue
             path = run if kind is None else args.work / "exports" / run.name / kind
             if kind is not None and runtime not in readable_runtimes(path):
                 entry[name] = {"skipped": f"{runtime} is not installed here"}
                 continue
-            entry[name] = measure(path, runtime)
+            entry[name] = ({**entry[name], **probe_here(path, runtime)} if args.reprobe
+                           else measure(path, runtime))
             print(method, name, json.dumps({k: v for k, v in entry[name].items()
                                             if k != "probe"}), flush=True)
         results["machine_at_end"] = describe_machine()

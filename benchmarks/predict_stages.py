@@ -3,8 +3,8 @@
 One thread, batch 8, real photos: model-only (ready tensors through the network
 and scoring), then ``Detector.predict`` end to end twice, once as a table of
 verdicts needs it (the photo-size map never made) and once as pictures need it
-(every prediction's ``anomaly_map`` made), each under cProfile, with the time of
-each stage summed from the functions that do it.
+(every prediction's ``anomaly_map`` made), each under cProfile, with the
+functions that took the most time.
 
     python benchmarks/predict_stages.py --run /tmp/anomap_runs/stpm_mtd_e8 \\
         --name speed/predict_stages_mtd
@@ -28,30 +28,13 @@ from anomap.machine import describe_machine
 
 ROOT = Path(__file__).resolve().parent
 MTD_TEST = ROOT.parents[1] / "shared" / "data" / "mtd" / "test"
-#: stage -> substrings of the profiled functions that do its work (tottime summed)
-STAGES = {
-    "read and decode": ("ImagingDecoder", "BufferedReader", "ImageFile.py", "Image.py(open)",
-                        "JpegImagePlugin", "PngImagePlugin", "convert"),
-    "letterbox": ("ImagingCore' objects}", "_arraypad", "pad", "data.py"),
-    "network": ("onnxruntime", "openvino", "conv", "_C._nn", "linear", "batch_norm",
-                "relu", "hardtanh", "pool", "methods/", "backbones/"),
-    "map back and score": ("upsample", "interpolate", "stack", "amax", "run.py",
-                           "standardize"),
-}
-
-
-def stage_seconds(profile: cProfile.Profile) -> dict[str, float]:
+def top_functions(profile: cProfile.Profile, n: int = 12) -> list[list[Any]]:
+    """The functions that took the most time themselves: [where, seconds, calls]."""
     stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
-    totals = dict.fromkeys([*STAGES, "other"], 0.0)
-    for (filename, _, function), (_, _, tottime, _, _) in stats.items():
-        where = f"{filename}({function})" if filename != "~" else function
-        if where.startswith("<built-in method torch._C._nn.upsample") or "upsample" in where:
-            totals["map back and score"] += tottime
-            continue
-        stage = next((name for name, marks in STAGES.items()
-                      if any(mark in where for mark in marks)), "other")
-        totals[stage] += tottime
-    return {key: round(value, 3) for key, value in totals.items()}
+    rows = sorted(stats.items(), key=lambda item: -item[1][2])[:n]
+    return [[f"{Path(filename).name}:{line}({function})" if filename != "~" else function,
+             round(tottime, 3), calls] for (filename, line, function), (calls, _, tottime, _, _)
+            in rows]
 
 
 def timed_predict(detector: Any, files: list[Path], maps: bool) -> dict[str, Any]:
@@ -65,7 +48,7 @@ def timed_predict(detector: Any, files: list[Path], maps: bool) -> dict[str, Any
     profile.disable()
     seconds = time.perf_counter() - started
     return {"images_per_second": round(len(files) / seconds, 2),
-            "profiled_seconds": round(seconds, 2), "stages": stage_seconds(profile)}
+            "profiled_seconds": round(seconds, 2), "top_functions": top_functions(profile)}
 
 
 def main() -> None:

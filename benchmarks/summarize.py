@@ -473,7 +473,7 @@ def int8_table(path: Path) -> str:
             check = ("" if variant == "torch-fp32" else
                      "refused (measured unchecked)" if entry.get(f"{kind}_refused") else "passed")
             probe = ("" if variant == "torch-fp32" else
-                     "refused" if "probe_refused" in row else
+                     "refused" if row.get("probe_refused") else
                      f"passed, {row['probe']['seconds']:.2f} s")
             lines.append(
                 f"| {method} | {entry['epochs']} | {variant} | {row['image_auroc']:.3f} "

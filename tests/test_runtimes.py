@@ -93,11 +93,20 @@ def test_thresholds_stay_outside_the_graph_and_editable(
         assert Detector.load(export).predict(photo)[0].verdict == verdict
 
 
-def test_int8_keeps_the_toy_defects_found(trained_run: Path, tmp_path: Path) -> None:
-    record = export_run(trained_run, tmp_path / "int8", "onnx", int8=True, progress=False)
+@pytest.fixture(scope="module")
+def int8_export(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One checked int8 export of the toy STPM, shared: the tests only read it."""
+    export = tmp_path_factory.mktemp("int8") / "int8"
+    export_run(trained_run, export, "onnx", int8=True, progress=False)
+    return export
+
+
+def test_int8_keeps_the_toy_defects_found(trained_run: Path, int8_export: Path,
+                                          tmp_path: Path) -> None:
+    record = json.loads((int8_export / "export.json").read_text())
     assert record["int8"] and "training images" in record["quantisation_images"]
     fp32 = evaluate_run(trained_run, out_dir=tmp_path / "a", panels=False, progress=False)
-    int8 = evaluate_run(tmp_path / "int8", out_dir=tmp_path / "b", panels=False,
+    int8 = evaluate_run(int8_export, out_dir=tmp_path / "b", panels=False,
                         progress=False)
     assert int8["precision"] == "int8"
     # measured on a toy STPM: 0.984 -> 0.982 image, 0.986 -> 0.984 pixel (quantising the
@@ -157,10 +166,9 @@ def test_an_int8_export_that_changes_the_decisions_is_refused(
 
 
 def test_int8_export_records_its_agreement_its_own_threshold_and_a_probe(
-        trained_run: Path, tmp_path: Path) -> None:
-    record = export_run(trained_run, tmp_path / "int8", "onnx", int8=True, progress=False)
-    export = tmp_path / "int8"
-    assert json.loads((export / "export.json").read_text()) == json.loads(json.dumps(record))
+        trained_run: Path, int8_export: Path) -> None:
+    export = int8_export
+    record = json.loads((export / "export.json").read_text())
     for agreement in record["agreement_by_runtime"].values():
         assert agreement["passed"] and agreement["n_anomalous"] > 0
         for kind in ("texture", "line"):
@@ -184,10 +192,9 @@ def test_int8_export_records_its_agreement_its_own_threshold_and_a_probe(
 
 
 def test_a_runtime_that_disagrees_where_it_runs_is_refused_or_falls_back(
-        trained_run: Path, toy_data: Path, tmp_path: Path,
+        trained_run: Path, toy_data: Path, int8_export: Path,
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    export = tmp_path / "int8"
-    export_run(trained_run, export, "onnx", int8=True, progress=False)
+    export = int8_export
     assert Detector.load(export).load_report["graph"] == "int8"
     _int8_goes_wrong(monkeypatch)  # the same export on a machine whose int8 kernels differ
     with pytest.raises(trust.DisagreementError, match="does not keep the run's decisions on "
@@ -205,10 +212,9 @@ def test_a_runtime_that_disagrees_where_it_runs_is_refused_or_falls_back(
 
 
 def test_runtime_auto_takes_the_fastest_runtime_that_passes_the_probe(
-        trained_run: Path, toy_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        toy_data: Path, int8_export: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture) -> None:
-    export = tmp_path / "int8"
-    export_run(trained_run, export, "onnx", int8=True, progress=False)
+    export = int8_export
     report = Detector.load(export).load_report
     tried = {r["runtime"]: r for r in report["tried"]}
     assert set(tried) == {"onnxruntime", "openvino"}

@@ -265,15 +265,14 @@ class Geometry:
         height, width = out_size or (self.size, self.size)
         if self.mode == "stretch" and not self.margin and (height, width) == tuple(maps.shape[-2:]):
             return maps
-        restored = maps.new_empty((len(maps), height, width))
-        by_box: dict[Box, list[int]] = {}
-        for index, box in enumerate(boxes):  # photos of one camera share a box: one call
-            by_box.setdefault(box, []).append(index)
-        for b, indices in by_box.items():
-            crops = maps[indices, None, b.top:b.top + b.height, b.left:b.left + b.width]
-            restored[indices] = F.interpolate(crops, size=(height, width), mode="bilinear",
-                                              align_corners=False)[:, 0]
-        return restored
+        restored = [
+            F.interpolate(
+                amap[None, None, b.top:b.top + b.height, b.left:b.left + b.width],
+                size=(height, width), mode="bilinear", align_corners=False,
+            )[0, 0]
+            for amap, b in zip(maps, boxes, strict=True)
+        ]
+        return torch.stack(restored)
 
 
 def describe_geometry(geometry: dict[str, Any]) -> str:
