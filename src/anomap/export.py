@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from anomap.allocator import keep_freed_memory
+from anomap.machine import cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +58,7 @@ def fuse_conv_bn(module: nn.Module) -> nn.Module:
 def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     """True when the CPU advertises bfloat16 instructions. Where that cannot be
     read (not Linux), False: emulated bfloat16 is slower than float32."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return False
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return not NATIVE_BF16_FLAGS.isdisjoint(line.split(":", 1)[-1].split())
-    return False
+    return not NATIVE_BF16_FLAGS.isdisjoint(cpu_flags(cpuinfo)[1])
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
