@@ -66,7 +66,7 @@ def train_run(method: str, data: Path, run: Path, epochs: int, image_size: int |
 def make_exports(run: Path, folder: Path) -> dict[str, Any]:
     """fp32 and int8 exports of ``run``; an int8 export the check refuses is made again
     unchecked (``int8-unchecked``) so that its numbers can be shown."""
-    from anomap import runtimes, trust
+    from anomap import export, trust
 
     record: dict[str, Any] = {}
     for kind, int8 in (("fp32", False), ("int8", True)):
@@ -74,15 +74,15 @@ def make_exports(run: Path, folder: Path) -> dict[str, Any]:
         if not target.exists():
             started = time.perf_counter()
             try:
-                runtimes.export_run(run, target, "onnx", int8=int8, progress=False)
+                export.export_run(run, target, "onnx", int8=int8, progress=False)
             except trust.DisagreementError as error:
                 record[f"{kind}_refused"] = str(error)
-                saved = runtimes.INT8_EXPORT
-                runtimes.INT8_EXPORT = trust.Tolerance()  # measure what was refused
+                saved = export.INT8_EXPORT
+                export.INT8_EXPORT = trust.Tolerance()  # measure what was refused
                 try:
-                    runtimes.export_run(run, target, "onnx", int8=int8, progress=False)
+                    export.export_run(run, target, "onnx", int8=int8, progress=False)
                 finally:
-                    runtimes.INT8_EXPORT = saved
+                    export.INT8_EXPORT = saved
             record[f"{kind}_export_seconds"] = round(time.perf_counter() - started, 1)
         exported = json.loads((target / "export.json").read_text())
         record[f"{kind}_agreement"] = exported["agreement_by_runtime"]
@@ -122,6 +122,7 @@ def measure(path: Path, runtime: str) -> dict[str, Any]:
 
 def main() -> None:
     from anomap.machine import describe_machine, machine_line
+    from anomap.runfolder import RunConfig
     from anomap.runtimes import readable_runtimes
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -147,7 +148,7 @@ def main() -> None:
         entry = results.setdefault("methods", {}).setdefault(method, {})
         entry["train_seconds"] = train_run(method, data, run, args.epochs or EPOCHS[method],
                                            args.image_size) or entry.get("train_seconds", 0.0)
-        entry["epochs"] = json.loads((run / "config.json").read_text())["recipe"]["epochs"]
+        entry["epochs"] = RunConfig.load(run).recipe["epochs"]
         if args.reprobe:
             shutil.rmtree(args.work / "exports" / run.name / "int8", ignore_errors=True)
             entry.pop("int8_refused", None)

@@ -43,13 +43,12 @@ def measure(run: Path, exports: Path) -> dict[str, Any]:
     import nncf
     import openvino as ov
 
-    from anomap.calibrate import normal_split
     from anomap.data import load_set, to_float
-    from anomap.run import geometry_from_config, load_model
+    from anomap.runfolder import load_model, normal_split
 
     _, config = load_model(run, "cpu")
     train, val = normal_split(config)
-    held_out = load_set(val or train, geometry_from_config(config), progress=False)
+    held_out = load_set(val or train, config.geometry, progress=False)
     images = to_float(held_out.images).numpy()
     core = ov.Core()
     fp32 = core.read_model(exports / f"{run.name}_openvino" / "model.xml")

@@ -24,7 +24,7 @@ from mtd_accuracy import analyse_runs
 from score_window import test_samples
 
 from anomap.data import load_mask
-from anomap.run import CONFIG_FILE, load_json
+from anomap.runfolder import RunConfig
 
 
 def touches_band(mask: np.ndarray, band: float) -> bool:
@@ -42,7 +42,7 @@ def share(flags: np.ndarray) -> float | None:
 
 
 def miss_locations(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    samples = test_samples(load_json(run_dir / CONFIG_FILE))
+    samples = test_samples(RunConfig.load(run_dir))
     mask_of = {str(s.path): s.mask_path for s in samples if s.label == 1}
     with open(run_dir / "predictions.csv", newline="") as handle:
         defective = [row for row in csv.DictReader(handle) if row["label"] == "1"]

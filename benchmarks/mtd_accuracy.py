@@ -26,10 +26,10 @@ import torch
 from anomap.calibrate import retune
 from anomap.evaluate import evaluate_run
 from anomap.machine import describe_machine
-from anomap.methods.base import IMAGE_SCORES
 from anomap.methods.rstpm import FUSIONS, PAIR2_TRAINING
 from anomap.orientation import ORIENTATIONS
-from anomap.run import load_history
+from anomap.runfolder import load_history
+from anomap.scoring import IMAGE_SCORES
 from anomap.standardize import NORMALIZATIONS
 from anomap.train import fit
 

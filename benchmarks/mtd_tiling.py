@@ -33,7 +33,9 @@ from tqdm.auto import tqdm
 from anomap import metrics
 from anomap.data import Geometry, Sample, discover, load_image, load_mask, to_float
 from anomap.evaluate import per_defect_type_auroc
-from anomap.run import Detector, load_history
+from anomap.run import Detector
+from anomap.runfolder import load_history
+from anomap.scoring import image_score
 from anomap.train import fit
 
 
@@ -94,7 +96,7 @@ def score_photo(detector: Detector, windows: Windows, image: Image.Image
         total[y:y + windows.size, x:x + windows.size] += amap
         count[y:y + windows.size, x:x + windows.size] += 1
     photo_map = (total / count)[top:top + height, left:left + width]
-    return float(detector.model.image_score(photo_map[None])[0]), photo_map
+    return float(image_score(photo_map[None], detector.reader.options)[0]), photo_map
 
 
 def main() -> None:
@@ -145,7 +147,7 @@ def main() -> None:
                     "n_images": len(spec.test), "images_per_second":
                     round(len(spec.test) / seconds, 3)},
         "per_defect_type_image_auroc": per_defect_type_auroc(spec.test, np.array(scores)),
-        "best_epoch": int(next(h["epoch"] for h in reversed(history) if h["best"] == "True")),
+        "best_epoch": int(next(h["epoch"] for h in reversed(history) if h["best"])),
         "epochs": len(history),
         "train_windows": len(list(folder.iterdir())),
         **training_time(history),

@@ -702,9 +702,10 @@ def main() -> None:
     import anomap
     from anomap import Detector
     from anomap.backbones.weights import efficientnet_lite_file
-    from anomap.calibrate import normal_split
-    from anomap.data import discover
+    from anomap.data import Geometry, discover
     from anomap.methods import get_method
+    from anomap.runfolder import DataSource, RunConfig, normal_split
+    from anomap.scoring import image_score
 
     torch.set_num_threads(args.threads)
     recipe = get_method("stpm").default_recipe()
@@ -726,8 +727,9 @@ def main() -> None:
     data = args.data.resolve()
     if args.limit_train or args.limit_test:
         data = limited_tree(data, work, args.limit_train, args.limit_test)
-    train, val = normal_split({"data": {"root": str(data), "val_fraction": 0.2},
-                               "seed": args.seed})
+    train, val = normal_split(RunConfig(method="stpm", model={}, geometry=Geometry(size),
+                                       data=DataSource(root=str(data), val_fraction=0.2),
+                                       seed=args.seed))
     test = discover(data).test
     log(f"data {data}: {len(train)} training, {len(val)} held-out normal, {len(test)} test")
     references: list[dict[str, Any]] = [{"when": "start", **torch_reference_ms(torch)}]
@@ -792,7 +794,7 @@ def main() -> None:
 
             def forward() -> None:
                 with torch.inference_mode():
-                    fast.image_score(fast.anomaly_map(images)).sum().item()
+                    image_score(fast.anomaly_map(images), fast.config).sum().item()
 
             return b / best_time(forward, 3)
 

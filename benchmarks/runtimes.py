@@ -6,7 +6,7 @@ model-only images/s at batch 1 and 8 (ready tensors), end to end at batch 8
 two ways (``Detector.predict`` decoding in the same thread, and
 ``anomap.inspection`` with its decode pool: real MTD JPEGs through verdict),
 GFLOP/s, peak RSS, and MTD image/pixel AUROC and AUPRO of ``anomap test``.
-Exports are made with ``anomap.runtimes.export_run`` when missing (int8
+Exports are made with ``anomap.export.export_run`` when missing (int8
 calibrated on the run's held-out normals).
 
     python benchmarks/runtimes.py --runs /tmp/anomap_runs/stpm_lite0_e10 --name speed/runtimes
@@ -44,7 +44,7 @@ VARIANTS = {
 
 
 def export_folder(run: Path, fmt: str, int8: bool) -> Path:
-    from anomap.runtimes import export_run
+    from anomap.export import export_run
 
     folder = run.parent / "exports" / f"{run.name}_{fmt}{'_int8' if int8 else ''}"
     if not folder.exists():
@@ -62,7 +62,7 @@ def measure_variant(path: Path, runtime: str, precision: str, data: Path) -> dic
     from anomap import Detector
     from anomap.evaluate import evaluate_run
     from anomap.inspection import RowWriter, find_images, inspect
-    from anomap.run import load_model
+    from anomap.runfolder import load_model
 
     detector = Detector.load(path, "cpu", precision, runtime)
     export = path / "export.json"

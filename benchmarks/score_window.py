@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -23,34 +22,37 @@ from mtd_accuracy import analyse_runs
 
 from anomap import metrics
 from anomap.data import LoadedSet, Sample, discover, load_set
-from anomap.evaluate import infer, per_defect_type_auroc
-from anomap.run import Detector, geometry_from_config
+from anomap.evaluate import per_defect_type_auroc
+from anomap.run import Detector
+from anomap.runfolder import RunConfig
+from anomap.scoring import image_score
 
 
-def test_samples(config: dict[str, Any]) -> list[Sample]:
+def test_samples(config: RunConfig) -> list[Sample]:
     """The test images of the data a run (its config.json) was trained on."""
-    data = config["data"]
-    return discover(data["root"], defect_dir=data.get("defect_dir"), mask_dir=data.get("mask_dir"),
-                    test_normal_dir=data.get("test_normal_dir")).test
+    data = config.data
+    return discover(data.root, defect_dir=data.defect_dir, mask_dir=data.mask_dir,
+                    test_normal_dir=data.test_normal_dir).test
 
 
-def load_test_split(config: dict[str, Any], with_masks: bool = False) -> LoadedSet:
+def load_test_split(config: RunConfig, with_masks: bool = False) -> LoadedSet:
     """The test split of the data a run was trained on, in its geometry."""
-    return load_set(test_samples(config), geometry_from_config(config), with_masks=with_masks)
+    return load_set(test_samples(config), config.geometry, with_masks=with_masks)
 
 
 def window_aurocs(run_dir: Path, windows: list[int]) -> dict[str, object]:
     """Image AUROC overall and per defect type for each window, on one run's test split."""
     detector = Detector.load(run_dir, "cpu")
-    test = load_test_split(detector.config)
-    maps, _ = infer(detector.model, detector.geometry, test, standardize=detector.standardize)
+    config = detector.config
+    assert config is not None
+    test = load_test_split(config)
+    maps = detector.reader.read_set(detector.model, test).maps
     labels = np.asarray(test.labels)
-    result: dict[str, object] = {"command": detector.config.get("command", ""), "windows": {}}
-    detector.model.config["image_score"] = "max"  # windows apply to the max only
-    for window in windows:  # only the score changes: set it on the loaded model
-        detector.model.config["score_window"] = window
+    result: dict[str, object] = {"command": config.command, "windows": {}}
+    options = {**detector.reader.options, "image_score": "max"}  # windows apply to the max only
+    for window in windows:  # only the score changes: rescore the same maps
         with torch.no_grad():
-            scores = detector.model.image_score(maps).double().numpy()
+            scores = image_score(maps, {**options, "score_window": window}).double().numpy()
         per_type = {kind: round(value, 4)
                     for kind, value in per_defect_type_auroc(test.samples, scores).items()}
         result["windows"][str(window)] = {"image_auroc": round(metrics.image_auroc(labels, scores),

@@ -17,7 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
-from anomap.run import STATE_FILE, RunError, load_history
+from anomap.runfolder import STATE_FILE, RunError, load_history
 
 
 def epochs_done(run: Path) -> int:

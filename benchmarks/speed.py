@@ -36,6 +36,7 @@ from anomap.allocator import keep_freed_memory
 from anomap.data import Geometry, discover
 from anomap.machine import describe_machine
 from anomap.methods import AnomalyModel, Recipe, build_model, get_method
+from anomap.scoring import MapReader, Thresholds, image_score
 from anomap.synth import make_anomaly_source, synthesize
 from anomap.train import build_optimizer
 
@@ -90,7 +91,7 @@ def measure_inference(detector: Detector, paths: list[Path], batch: int, flops: 
 
     def model_only() -> None:
         with torch.inference_mode():
-            fast.image_score(fast.anomaly_map(images))
+            image_score(fast.anomaly_map(images), fast.config)
         synchronize(device)
 
     seconds = best_time(model_only, 10 if batch == 1 else 3)
@@ -118,8 +119,8 @@ def measure(spec: str, paths: list[Path], geometry: Geometry, device: torch.devi
     flops = flops_per_image(model.eval(), size, device)
     entry: dict[str, Any] = {"gflops_per_image": round(flops / 1e9, 3), "inference": []}
     for precision in precisions if batches else []:
-        detector = Detector(model, geometry, threshold=1.0, display_range=(0.0, 1.0),
-                            precision=precision)
+        reader = MapReader(geometry, model.config, thresholds=Thresholds(1.0, 1.0, (0.0, 1.0)))
+        detector = Detector(model, reader, precision=precision)
         for b in sorted({*batches, batch}):
             entry["inference"].append(measure_inference(detector, paths, b, flops))
             print(spec, json.dumps(entry["inference"][-1]), flush=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -26,16 +25,17 @@ from score_window import load_test_split
 from anomap import metrics
 from anomap.data import LoadedSet, to_float
 from anomap.methods.stpm import STPM
-from anomap.run import geometry_from_config, load_model
+from anomap.runfolder import RunConfig, load_model
+from anomap.scoring import image_score
 
 
 @torch.no_grad()
-def level_maps(model: STPM, config: dict[str, Any], batch_size: int = 32
+def level_maps(model: STPM, config: RunConfig, batch_size: int = 32
                ) -> tuple[list[torch.Tensor], LoadedSet]:
     """Per-level maps of the test split in the evaluation frame, and the split."""
-    geometry = geometry_from_config(config)
+    geometry = config.geometry
     test = load_test_split(config, with_masks=True)
-    levels: list[list[torch.Tensor]] = [[] for _ in config["model"]["strides"]]
+    levels: list[list[torch.Tensor]] = [[] for _ in config.model["strides"]]
     for start in range(0, len(test), batch_size):
         images = to_float(test.images[start:start + batch_size])
         boxes = test.boxes[start:start + batch_size]
@@ -47,8 +47,8 @@ def level_maps(model: STPM, config: dict[str, Any], batch_size: int = 32
 def subset_metrics(run_dir: Path) -> dict[str, object]:
     model, config = load_model(run_dir)
     if not isinstance(model, STPM):
-        raise SystemExit(f"{run_dir}: a {config['method']} run; only STPM has pyramid levels")
-    strides = config["model"]["strides"]
+        raise SystemExit(f"{run_dir}: a {config.method} run; only STPM has pyramid levels")
+    strides = config.model["strides"]
     levels, test = level_maps(model, config)
     assert test.masks is not None
     labels, masks = np.asarray(test.labels), test.masks.numpy()
@@ -60,8 +60,8 @@ def subset_metrics(run_dir: Path) -> dict[str, object]:
                 product *= levels[index]
             entry = {}
             for window in (1, 21):
-                model.config["score_window"] = window
-                scores = model.image_score(product).double().numpy()
+                options = {**model.config, "score_window": window}
+                scores = image_score(product, options).double().numpy()
                 entry[f"image_auroc_window{window}"] = round(metrics.image_auroc(labels, scores),
                                                              4)
             entry["pixel_auroc"] = round(metrics.pixel_auroc(masks, product.numpy()), 4)
@@ -69,7 +69,7 @@ def subset_metrics(run_dir: Path) -> dict[str, object]:
             name = "/".join(str(strides[i]) for i in chosen)
             subsets[name] = entry
             print(f"{run_dir.name}  strides {name:8s}  {entry}", flush=True)
-    return {"command": config.get("command", ""), "subsets": subsets}
+    return {"command": config.command, "subsets": subsets}
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from anomap.data import describe_geometry
 from anomap.machine import machine_line
 from anomap.methods import METHODS
+from anomap.methods.stpm import STPM
 
 BENCHMARKS = Path(__file__).resolve().parent
 RESULTS = BENCHMARKS / "results"
@@ -57,8 +58,12 @@ def _model(config: dict) -> str:
             text += f", strides {'/'.join(map(str, model['strides']))}"
         if model.get("map_strides"):
             text += f", map {'/'.join(map(str, model['map_strides']))}"
-        for phrase in METHODS[config["method"]].describe_options(model):
-            text += f", {phrase}"
+        # the method's own options; the backbone, the levels (STPM's phrases) and the
+        # score are written above and below, in this table's words
+        levels = STPM.option_phrases(model)
+        for phrase in METHODS[config["method"]].option_phrases(model):
+            if phrase not in levels:
+                text += f", {phrase}"
         if model.get("image_score", "max") == "mean":
             text += ", score = mean"
         elif model.get("score_window", 1) != 1:

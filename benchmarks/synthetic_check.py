@@ -19,11 +19,10 @@ from typing import Any
 
 import torch
 
-from anomap.calibrate import normal_split
 from anomap.data import load_set
-from anomap.evaluate import infer
-from anomap.export import InferenceModel
-from anomap.run import geometry_from_config, load_model, load_position_stats
+from anomap.inference import InferenceModel
+from anomap.runfolder import load_model, load_position_stats, normal_split
+from anomap.scoring import MapReader
 from anomap.synth.check import synthetic_check_set
 from anomap.train import synthetic_aurocs
 
@@ -33,19 +32,20 @@ CHECK_SEED = 0
 
 def measure(run: Path, args: argparse.Namespace) -> dict[str, Any]:
     model, config = load_model(run, args.device)
-    geometry = geometry_from_config(config)
+    geometry = config.geometry
     _, held_out = normal_split(config)
     normals = load_set(held_out, geometry, progress=False)
     fast = InferenceModel(model)
     stats = load_position_stats(run, config)
-    maps, scores = infer(fast, geometry, normals, device=args.device, progress=False,
-                         standardize=stats)
+    reading = MapReader(geometry, fast.config, stats).read_set(fast, normals, device=args.device,
+                                                               progress=False)
+    maps, scores = reading.maps, reading.scores
     check = synthetic_check_set(normals, geometry, CHECK_SEED, args.anomaly_source)
     image, pixel = synthetic_aurocs(fast, geometry, check, maps, scores, batch_size=32,
                                     device=torch.device(args.device), standardize=stats)
     return {"synthetic_image_auroc": round(image, 4), "synthetic_pixel_auroc": round(pixel, 4),
             "n_held_out": len(normals), "n_fakes": len(check),
-            "model": config["model"], "epochs": config["recipe"]["epochs"]}
+            "model": config.model, "epochs": config.recipe["epochs"]}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

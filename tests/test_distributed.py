@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from anomap.run import load_history
+from anomap.runfolder import load_history
 
 EPOCHS = 4
 TRAIN = ["train", "--epochs", str(EPOCHS), "--batch-size", "8", "--image-size", "64",

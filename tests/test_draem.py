@@ -22,7 +22,8 @@ from anomap.methods.draem import (
     focal_loss,
     ssim,
 )
-from anomap.run import CONFIG_FILE, WEIGHTS_FILE, load_json
+from anomap.runfolder import CONFIG_FILE, WEIGHTS_FILE, load_json
+from anomap.scoring import image_score
 from anomap.train import fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -103,17 +104,19 @@ def test_image_score_is_max_of_21x21_mean() -> None:
     maps[0, 10:15, 10:15] = 1.0  # a 5x5 block: best window holds all 25 pixels
     maps[1, 0, 0] = 1.0  # a corner pixel: padding counts in the mean, as the official code
     maps[2] = 0.5
-    scores = model.image_score(maps)
+    scores = image_score(maps, model.config)
     torch.testing.assert_close(scores, torch.tensor([25 / 441, 1 / 441, 0.5]))
 
 
-def test_save_load_round_trip_and_ignored_kwargs() -> None:
+def test_save_load_round_trip_and_unknown_options_refused() -> None:
     torch.manual_seed(0)
     model = tiny()
     model.training_loss(torch.rand(4, 3, 32, 32))  # moves the BatchNorm statistics
     config = json.loads(json.dumps(model.config))
     assert "weights" not in config and "backbone" not in config
-    fresh = build_model("draem", **config, weights=None, backbone="resnet18")
+    with pytest.raises(ValueError, match="draem has no option backbone"):
+        build_model("draem", **config, backbone="resnet18")
+    fresh = build_model("draem", **config)
     fresh.load_state_dict(model.state_dict())
     images = torch.rand(2, 3, 32, 32)
     assert torch.equal(model.eval().anomaly_map(images), fresh.eval().anomaly_map(images))

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from anomap import export
-from anomap.export import InferenceModel
+from anomap import inference
+from anomap.inference import InferenceModel
 from anomap.methods import build_model
+from anomap.scoring import image_score
 
 
 def test_folded_model_gives_the_same_maps() -> None:
@@ -25,7 +26,8 @@ def test_folded_model_gives_the_same_maps() -> None:
     images = torch.rand(2, 3, 96, 96)
     with torch.no_grad():
         expected, expected_scores = model(images)
-        maps, scores = fast(images)
+        maps = fast(images)
+        scores = image_score(maps, fast.config)
     torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(scores, expected_scores, rtol=1e-4, atol=1e-5)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # original kept
@@ -81,18 +83,18 @@ def test_auto_precision_follows_the_cpu_flags(tmp_path, monkeypatch, caplog) -> 
     with_bf16, without = tmp_path / "with", tmp_path / "without"
     with_bf16.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
     without.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
-    assert export.cpu_has_native_bf16(with_bf16)
-    assert not export.cpu_has_native_bf16(without)
-    assert not export.cpu_has_native_bf16(tmp_path / "missing")  # not Linux: stay exact
+    assert inference.cpu_has_native_bf16(with_bf16)
+    assert not inference.cpu_has_native_bf16(without)
+    assert not inference.cpu_has_native_bf16(tmp_path / "missing")  # not Linux: stay exact
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(export, "cpu_has_native_bf16", lambda: True)
-    assert export.resolve_precision("auto", cpu) == "bf16"
-    assert export.resolve_precision("auto", cuda) == "fp32"
-    assert export.resolve_precision("fp32", cpu) == "fp32"
-    monkeypatch.setattr(export, "cpu_has_native_bf16", lambda: False)
-    assert export.resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
+    assert inference.resolve_precision("auto", cpu) == "bf16"
+    assert inference.resolve_precision("auto", cuda) == "fp32"
+    assert inference.resolve_precision("fp32", cpu) == "fp32"
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
+    assert inference.resolve_precision("auto", cpu) == "fp32"
     assert not caplog.records
-    assert export.resolve_precision("bf16", cpu) == "bf16"  # asked for: emulated, still right
+    assert inference.resolve_precision("bf16", cpu) == "bf16"  # asked for: emulated, still right
     assert "does not compute it natively" in caplog.text
     with pytest.raises(ValueError, match="unknown precision 'fp16'"):
-        export.resolve_precision("fp16", cpu)
+        inference.resolve_precision("fp16", cpu)

@@ -19,7 +19,7 @@ from anomap.methods.fractalad import (
     flow_warp,
     similarity_attention,
 )
-from anomap.run import load_model
+from anomap.runfolder import load_model
 from anomap.synth.fractal import fractal_anomalies, paste_fractal_anomaly
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -136,7 +136,7 @@ def test_trained_fractalad_finds_the_toy_defects(fractalad_run: Path) -> None:
 
 def test_save_load_gives_identical_maps(fractalad_run: Path) -> None:
     model, config = load_model(fractalad_run, "cpu")
-    again = build_model("fractalad", **{**config["model"], "weights": None})
+    again = build_model("fractalad", **{**config.model, "weights": None})
     again.load_state_dict(model.state_dict())
     images = torch.rand(2, 3, 64, 64)
     assert torch.equal(model.anomaly_map(images), again.eval().anomaly_map(images))

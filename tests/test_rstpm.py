@@ -16,7 +16,7 @@ from anomap.cli import main
 from anomap.methods import build_model, build_untrained
 from anomap.methods.rstpm import RSTPM, AttentionGate, fuse_maps
 from anomap.methods.stpm import normalized_distance
-from anomap.run import load_model
+from anomap.runfolder import load_model
 
 
 def tiny(**config: object) -> RSTPM:
@@ -151,7 +151,7 @@ def test_save_load_gives_identical_maps_without_fetching_any_teacher(
 
     monkeypatch.setattr("anomap.backbones.imagenet_state_dict", no_download)
     model, config = load_model(rstpm_run, "cpu")
-    again = build_untrained("rstpm", **config["model"])
+    again = build_untrained("rstpm", **config.model)
     again.load_state_dict(model.state_dict())
     images = torch.rand(2, 3, 128, 128)
     assert torch.equal(model.anomaly_map(images), again.eval().anomaly_map(images))

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from conftest import fit_toy
 
-from anomap import runtimes, trust
+from anomap import export, runtimes, trust
 from anomap.cli import main
 from anomap.evaluate import evaluate_run
+from anomap.export import export_run
+from anomap.methods import METHODS
 from anomap.run import Detector
-from anomap.runtimes import export_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,9 +36,11 @@ def _assert_same_predictions(run: Path, export: Path, photos: list[Path],
         assert a.verdict == b.verdict and abs(a.score - b.score) <= rtol * span
 
 
-@pytest.mark.parametrize("method", ["stpm", "draem", "rstpm", "fractalad"])
-def test_every_method_exports_to_onnx_with_the_runs_maps_and_verdicts(
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_exports_with_the_runs_scores_and_verdicts_in_every_runtime(
         method: str, toy_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint, its ONNX export (in ONNX Runtime and in OpenVINO) and its OpenVINO
+    export give the same (score, verdict) through the one read path (anomap.scoring)."""
     working = tmp_path / "working"
     working.mkdir()
     monkeypatch.chdir(working)
@@ -47,11 +50,14 @@ def test_every_method_exports_to_onnx_with_the_runs_maps_and_verdicts(
     assert record["agreement"]["max_relative_map_difference"] <= \
         trust.FP32_EXPORT.relative_map_difference
     assert record["input"]["range"] == [0.0, 1.0] and record["method"] == method
-    _assert_same_predictions(run, tmp_path / "export", _photos(toy_data))
+    _assert_same_predictions(run, tmp_path / "export", _photos(toy_data), "onnxruntime")
+    _assert_same_predictions(run, tmp_path / "export", _photos(toy_data), "openvino")
+    export_run(run, tmp_path / "ir", "openvino", progress=False)
+    _assert_same_predictions(run, tmp_path / "ir", _photos(toy_data), "openvino")
     if method in ("draem", "fractalad"):  # STPM's int8 has its own tests below
         # one epoch leaves maps of noise, which int8 moves more than its tolerance: here
         # the point is that these graphs quantise at all
-        monkeypatch.setattr(runtimes, "INT8_EXPORT", trust.Tolerance())
+        monkeypatch.setattr(export, "INT8_EXPORT", trust.Tolerance())
         int8 = export_run(run, tmp_path / "int8", "onnx", int8=True, progress=False)
         assert int8["int8"]  # these graphs defeat ORT's symbolic shape inference
         maps = [r.anomaly_map
@@ -117,7 +123,7 @@ def test_int8_keeps_the_toy_defects_found(trained_run: Path, int8_export: Path,
 
 def test_a_disagreeing_export_is_refused_and_nothing_is_written(
         trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runtimes, "FP32_EXPORT", trust.Tolerance(relative_map_difference=0.0))
+    monkeypatch.setattr(export, "FP32_EXPORT", trust.Tolerance(relative_map_difference=0.0))
     with pytest.raises(trust.DisagreementError, match="maps differ by up to .* nothing written"):
         export_run(trained_run, tmp_path / "export", progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from anomap.calibrate import normal_split, retune
+from anomap.calibrate import retune
 from anomap.data import load_set
-from anomap.evaluate import evaluate_run, infer
+from anomap.evaluate import evaluate_run
 from anomap.metrics import image_auroc
-from anomap.run import POSITION_STATS_FILE, Detector, RunError
+from anomap.run import Detector
+from anomap.runfolder import POSITION_STATS_FILE, RunConfig, RunError, normal_split
 from anomap.standardize import PositionStats
 from anomap.train import fit
 
@@ -80,13 +81,13 @@ def test_retune_with_position_normalization(trained_run: Path, tmp_path: Path) -
     config = json.loads((out / "config.json").read_text())
     assert config["map_normalization"] == "position"
     detector = Detector.load(out, "cpu")
-    assert detector.standardize is not None
+    assert detector.reader.standardize is not None
     # fitted on exactly the held-out maps: in their own statistics they have
     # mean 0 and standard deviation 1 at every position
-    _, held_out = normal_split(config)
+    _, held_out = normal_split(RunConfig.from_dict(config))
     loaded = load_set(held_out, detector.geometry, progress=False)
-    maps, scores = infer(detector.model, detector.geometry, loaded,
-                         standardize=detector.standardize, progress=False)
+    reading = detector.reader.read_set(detector.model, loaded, progress=False)
+    maps, scores = reading.maps, reading.scores
     torch.testing.assert_close(maps.mean(0), torch.zeros(maps.shape[1:]), atol=1e-3, rtol=0)
     torch.testing.assert_close(maps.std(0), torch.ones(maps.shape[1:]), atol=1e-3, rtol=0)
     # the threshold is set leave-one-out, so above what the images' own statistics give

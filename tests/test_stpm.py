@@ -12,11 +12,13 @@ import torch
 from PIL import Image
 
 from anomap import Detector, train
-from anomap.calibrate import normal_split, retune
+from anomap.calibrate import retune
 from anomap.data import Geometry, discover, load_set, to_float
 from anomap.evaluate import evaluate_run
 from anomap.methods import build_model
 from anomap.methods.stpm import normalized_distance
+from anomap.runfolder import RunConfig, normal_split
+from anomap.scoring import MapReader, Thresholds, image_score
 from anomap.train import RunExistsError, cache_frozen_targets, fit
 
 
@@ -76,8 +78,9 @@ def test_score_window_scores_the_hottest_region_not_the_hottest_pixel() -> None:
     maps = torch.zeros(2, 8, 8)
     maps[0, 4, 4] = 0.9  # one hot pixel
     maps[1, 1:4, 1:4] = 0.2  # a warm 3x3 region
-    torch.testing.assert_close(model.image_score(maps), torch.tensor([0.1, 0.2]))
-    assert model.image_score(maps).argmax() == 1  # the plain max would rank them the other way
+    torch.testing.assert_close(image_score(maps, model.config), torch.tensor([0.1, 0.2]))
+    # the plain max would rank them the other way
+    assert image_score(maps, model.config).argmax() == 1
     with pytest.raises(ValueError, match="positive odd"):
         build_model("stpm", weights="random", score_window=4)
 
@@ -87,7 +90,7 @@ def test_mean_image_score_adds_up_faint_evidence_over_the_whole_map() -> None:
     maps = torch.zeros(2, 4, 4)
     maps[0, 0, 0] = 8.0  # one strong spot: mean 0.5
     maps[1] = 0.75  # faint everywhere: mean 0.75
-    torch.testing.assert_close(model.image_score(maps), torch.tensor([0.5, 0.75]))
+    torch.testing.assert_close(image_score(maps, model.config), torch.tensor([0.5, 0.75]))
     with pytest.raises(ValueError, match="unknown image_score 'median'"):
         build_model("stpm", weights="random", image_score="median")
 
@@ -290,7 +293,7 @@ def test_retune_reads_the_map_anew_and_recalibrates_on_held_out_normals(
     assert (out / "model.pt").read_bytes() == (trained_run / "model.pt").read_bytes()
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["map_strides"] == [8, 16] and config["model"]["score_window"] == 3
-    _, held_out = normal_split(config)
+    _, held_out = normal_split(RunConfig.from_dict(config))
     detector = Detector.load(out, "cpu")
     scores = [p.score for p in detector.predict([sample.path for sample in held_out])]
     assert calibration["threshold"] == pytest.approx(np.quantile(scores, 0.99), rel=1e-4)
@@ -364,7 +367,7 @@ def test_unknown_selection_rule_is_refused(toy_data: Path, tmp_path: Path) -> No
 def test_threshold_is_calibrated_on_exactly_the_held_out_split(trained_run: Path,
                                                               toy_data: Path) -> None:
     config = json.loads((trained_run / "config.json").read_text())
-    trained_on, held_out = normal_split(config)
+    trained_on, held_out = normal_split(RunConfig.from_dict(config))
     spec = discover(toy_data)
     held = {s.path.resolve() for s in held_out}
     assert len(held) == 8  # 20% of the 40 training images
@@ -399,14 +402,15 @@ def test_network_maps_are_predicts_maps_before_the_geometry_is_undone(trained_ru
 
     model = build_model("stpm", weights="random").eval()
     geometry = Geometry(64, "letterbox", margin=8)
-    boxed = Detector(model, geometry, threshold=1.0, display_range=(0.0, 1.0))
+    boxed = Detector(model, MapReader(geometry, model.config,
+                                      thresholds=Thresholds(1.0, 1.0, (0.0, 1.0))))
     photo = (np.random.default_rng(0).random((30, 50, 3)) * 255).astype(np.uint8)
     network_input, box = geometry.apply(Image.fromarray(photo))
     tensor = torch.from_numpy(network_input).permute(2, 0, 1)[None].float() / 255
     maps, raw_scores = boxed.network_maps_and_scores(tensor)
     cropped = geometry.restore(maps, [box])
     predicted = boxed.predict(photo)[0].score
-    assert predicted == pytest.approx(float(model.image_score(cropped)[0]), rel=1e-5)
+    assert predicted == pytest.approx(float(image_score(cropped, model.config)[0]), rel=1e-5)
     assert predicted != pytest.approx(float(raw_scores[0]), rel=1e-3)
 
 

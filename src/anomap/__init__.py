@@ -1,7 +1,21 @@
-"""anomap: unsupervised visual anomaly detection and localization."""
+"""anomap: unsupervised visual anomaly detection and localization.
+
+``from anomap import Detector`` loads the library API on first use, so that
+``import anomap.data`` (or the CLI's ``--help``) does not load every method.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
 
-from anomap.run import Detector, Prediction  # noqa: E402
-
 __all__ = ["Detector", "Prediction", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("Detector", "Prediction"):
+        from anomap import run
+
+        return getattr(run, name)
+    raise AttributeError(f"module 'anomap' has no attribute {name!r}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,24 +21,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from anomap.data import LoadedSet, Sample, discover, load_set, split_holdout
-from anomap.evaluate import infer
+from anomap.data import LoadedSet, load_set
 from anomap.files import save_json
 from anomap.methods import get_method
 from anomap.metrics import calibrate_threshold
-from anomap.run import (
+from anomap.runfolder import (
     CALIBRATION_FILE,
-    CONFIG_FILE,
     HISTORY_FILE,
     POSITION_STATS_FILE,
     STATE_FILE,
     WEIGHTS_FILE,
+    RunConfig,
     RunExistsError,
-    geometry_from_config,
-    load_json,
+    load_calibration,
     load_model,
+    normal_split,
     resolve_device,
 )
+from anomap.scoring import MapReader, image_score
 from anomap.standardize import PositionStats, check_normalization, require_enough_images
 
 log = logging.getLogger(__name__)
@@ -64,26 +63,26 @@ class Calibration:
 
     With ``normalization="position"`` it first fits the per-position normal
     statistics on those maps (position_stats.pt) and calibrates on the maps
-    standardised leave-one-out, rescored with ``image_score``."""
+    standardised leave-one-out, rescored by the model's score ``options``."""
 
     run_dir: Path
     quantile: float
     skipped: list[str]
     normalization: str = "none"
-    image_score: Callable[[torch.Tensor], torch.Tensor] | None = None
+    options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         check_normalization(self.normalization)
-        if self.normalization != "none" and self.image_score is None:
-            raise ValueError("map normalization needs the model's image_score to rescore")
+        if self.normalization != "none" and self.options is None:
+            raise ValueError("map normalization needs the model's score options to rescore")
 
     def write(self, maps: torch.Tensor, scores: np.ndarray, epoch: int,
               source: str = "validation") -> None:
         if self.normalization == "position":
-            assert self.image_score is not None
+            assert self.options is not None
             stats, maps = PositionStats.fit_leave_one_out(maps)
             with torch.no_grad():
-                scores = torch.cat([self.image_score(part) for part in maps.split(64)]
+                scores = torch.cat([image_score(part, self.options) for part in maps.split(64)]
                                    ).double().numpy()
             stats.save(self.run_dir / POSITION_STATS_FILE)  # before the threshold that uses it
         threshold = calibrate_threshold(scores, quantile=self.quantile)
@@ -103,14 +102,6 @@ class Calibration:
         }, self.run_dir / CALIBRATION_FILE)
 
 
-def normal_split(config: dict[str, Any]) -> tuple[list[Sample], list[Sample]]:
-    """A run's (training, held-out) normal images, as its config and seed define them."""
-    spec = discover(config["data"]["root"])
-    for warning in spec.warnings:
-        log.warning(warning)
-    return split_holdout(spec.train, config["data"]["val_fraction"], int(config["seed"]))
-
-
 def retune(run_dir: str | Path, out_dir: str | Path, options: dict[str, Any], *,
            threshold_quantile: float | None = None, map_normalization: str | None = None,
            device: str = "auto", batch_size: int = 8, progress: bool = True
@@ -120,41 +111,40 @@ def retune(run_dir: str | Path, out_dir: str | Path, options: dict[str, Any], *,
     No retraining: only options the method lists as ``inference_options`` may
     change. All or nothing: ``out_dir`` appears only once everything is written."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    config = load_json(run_dir / CONFIG_FILE)
-    method = get_method(config["method"])
+    config = RunConfig.load(run_dir)
+    method = get_method(config.method)
     given = {k: v for k, v in options.items() if v is not None}
-    unknown = sorted(set(given) - set(method.default_config()))
+    changeable = ", ".join(method.inference_options())
+    unknown = sorted(set(given) - set(method.options()))
     if unknown:
         raise ValueError(f"{method.name} has no option {', '.join(unknown)}; retune changes "
-                         f"only {', '.join(method.inference_options)}")
-    learnt = sorted(set(given) - set(method.inference_options))
+                         f"only {changeable}")
+    learnt = sorted(set(given) - set(method.inference_options()))
     if learnt:
         raise ValueError(f"{', '.join(learnt)}: changes what {method.name} learns, so it "
-                         f"needs retraining; retune changes only "
-                         f"{', '.join(method.inference_options)}")
+                         f"needs retraining; retune changes only {changeable}")
     if out_dir.exists():
         raise RunExistsError(f"{out_dir} already exists; choose another --out folder")
-    config = {**config, "model": {**config["model"], **given},
-              "retuned_from": str(run_dir.resolve()), "command": " ".join(sys.argv)}
-    quantile = config["threshold_quantile"] if threshold_quantile is None else threshold_quantile
+    quantile = config.threshold_quantile if threshold_quantile is None else threshold_quantile
     if not 0.0 <= quantile <= 1.0:
         raise ValueError(f"--threshold-quantile must be in [0, 1], got {quantile}")
-    config["threshold_quantile"] = quantile
-    if map_normalization is not None:
-        config["map_normalization"] = map_normalization
-    normalization = check_normalization(config.get("map_normalization", "none"))
+    config = config.updated(
+        model={**config.model, **given}, retuned_from=str(run_dir.resolve()),
+        command=" ".join(sys.argv), threshold_quantile=quantile,
+        map_normalization=check_normalization(map_normalization or config.map_normalization))
+    normalization = config.map_normalization
     torch_device = resolve_device(device)
     model, _ = load_model(run_dir, torch_device, config=config)  # validates the options
     epoch = int(torch.load(run_dir / WEIGHTS_FILE, map_location="cpu",
                            weights_only=True).get("epoch", 0))
 
-    geometry = geometry_from_config(config)
     train_samples, val_samples = normal_split(config)
-    loaded: LoadedSet = load_set(val_samples or train_samples, geometry,
+    loaded: LoadedSet = load_set(val_samples or train_samples, config.geometry,
                                  desc="reading held-out images", progress=progress)
-    require_enough_images(normalization, len(loaded), config["data"]["root"])
-    maps, scores = infer(model, geometry, loaded, batch_size=batch_size, device=torch_device,
-                         progress=progress, desc="calibrating")
+    require_enough_images(normalization, len(loaded), config.data.root)
+    reading = MapReader(config.geometry, config.model).read_set(
+        model, loaded, batch_size=batch_size, device=torch_device, progress=progress,
+        desc="calibrating")
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -162,12 +152,12 @@ def retune(run_dir: str | Path, out_dir: str | Path, options: dict[str, Any], *,
         for name in (WEIGHTS_FILE, STATE_FILE, HISTORY_FILE):
             if (run_dir / name).is_file():
                 shutil.copy2(run_dir / name, partial / name)
-        save_json(config, partial / CONFIG_FILE)
+        config.save(partial)
         source = "validation" if val_samples else NO_SPLIT_SOURCE
-        Calibration(partial, quantile, loaded.skipped, normalization, model.image_score).write(
-            maps, scores, epoch, source=f"{source}, retuned")
+        Calibration(partial, quantile, loaded.skipped, normalization, config.model).write(
+            reading.maps, reading.scores, epoch, source=f"{source}, retuned")
         partial.rename(out_dir)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return load_json(out_dir / CALIBRATION_FILE)
+    return load_calibration(out_dir)

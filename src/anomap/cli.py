@@ -36,25 +36,71 @@ def _add_data_args(parser: argparse.ArgumentParser, required: bool) -> None:
 
 
 def _add_precision_arg(parser: argparse.ArgumentParser) -> None:
-    from anomap.export import PRECISIONS
+    from anomap.inference import PRECISIONS
 
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
                         help="fp32 (default); bf16: ~2x faster where native, noisier maps")
 
 
-def _add_inference_args(parser: argparse.ArgumentParser) -> None:
-    """Options that change how a trained model's map is read (``retune`` may change them)."""
-    from anomap.methods.base import IMAGE_SCORES
-    from anomap.methods.rstpm import FUSIONS
+def _declared_options() -> dict[str, tuple[Any, dict[str, Any]]]:
+    """Every option a method declares (its constructor's annotated signature), once:
+    ``{name: (spec, {method: default})}``; the first method to declare it gives the help."""
+    from anomap.methods import METHODS
 
-    parser.add_argument("--map-strides", type=int, nargs="+", metavar="S",
-                        help="STPM, RSTPM: trained levels read into the map (default all)")
-    parser.add_argument("--score-window", type=int, metavar="K",
-                        help="image score = max of the map's KxK means (odd; STPM 1, DRAEM 21)")
-    parser.add_argument("--fusion", choices=FUSIONS, metavar="RULE",
-                        help="RSTPM: " + ", ".join(FUSIONS) + " (default level-sum)")
-    parser.add_argument("--image-score", choices=IMAGE_SCORES,
-                        help="max: the hottest window (default); mean: of the whole map")
+    found: dict[str, tuple[Any, dict[str, Any]]] = {}
+    for method, cls in METHODS.items():
+        for name, spec in cls.options().items():
+            found.setdefault(name, (spec, {}))[1][method] = spec.default
+    return found
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _add_method_args(parser: Any, inference: bool) -> None:
+    """The methods' own options as flags: those that change how a trained map is read
+    (``inference``; ``retune`` may change them) or those that change what is learnt."""
+    from anomap.methods import METHODS
+
+    for name, (spec, defaults) in _declared_options().items():
+        if spec.opt.inference != inference:
+            continue
+        owners = "" if len(defaults) == len(METHODS) else f"{', '.join(defaults)}: "
+        shown = {method: _show(value) for method, value in defaults.items() if value is not None}
+        if len(set(shown.values())) == 1 and len(shown) == len(defaults):
+            default = f" (default {next(iter(shown.values()))})"
+        else:
+            by_value: dict[str, list[str]] = {}
+            for method, value in shown.items():
+                by_value.setdefault(value, []).append(method)
+            default = (" (default " + ", ".join(f"{'/'.join(m)} {v}" for v, m in by_value.items())
+                       + ")" if shown else "")
+        listed = f": {', '.join(spec.opt.choices)}" if spec.opt.choices and spec.opt.metavar else ""
+        settings: dict[str, Any] = {"metavar": spec.opt.metavar,
+                                    "help": owners + spec.opt.help + listed + default}
+        if spec.kind is bool:
+            settings["choices"] = ["on", "off"]
+        elif spec.opt.choices:
+            settings["choices"] = spec.opt.choices
+        else:
+            settings["type"] = spec.kind
+        if spec.many:
+            settings["nargs"] = "+"
+        parser.add_argument("--" + name.replace("_", "-"), **settings)
+
+
+def _method_values(args: argparse.Namespace, inference_only: bool = False) -> dict[str, Any]:
+    """The methods' options as given on the command line (None: not given)."""
+    values = {}
+    for name, (spec, _) in _declared_options().items():
+        if inference_only and not spec.opt.inference:
+            continue
+        value = getattr(args, name, None)
+        values[name] = (value == "on") if spec.kind is bool and value is not None else value
+    return values
 
 
 def _add_calibration_args(parser: argparse.ArgumentParser, retuning: bool) -> None:
@@ -99,7 +145,6 @@ def _add_max_pixels_arg(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from anomap.data import RESIZE_MODES
     from anomap.methods import METHODS, SELECTION_RULES
-    from anomap.methods.rstpm import PAIR2_TRAINING
     from anomap.orientation import ORIENTATIONS
 
     parser = argparse.ArgumentParser(
@@ -135,30 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=", ".join(sorted(METHODS)) + " (default stpm)")
     model.add_argument("--preset", default="auto", metavar="NAME",
                        help=f"auto (default: cpu on a CPU if any, else paper), paper, {presets}")
-    model.add_argument("--backbone", metavar="NAME",
-                       help="efficientnet_lite0 (default, offline), _lite1, _lite2, resnet18")
-    model.add_argument("--weights", metavar="W", help="teacher weights: imagenet or a .pth file")
-    model.add_argument("--strides", type=int, nargs="+", metavar="S",
-                       help="STPM, RSTPM: pyramid levels (default 4 8 16; MTD: 8 16 32)")
-    model.add_argument("--second-backbone", metavar="NAME",
-                       help="RSTPM: pair 2's teacher (default efficientnet_lite1)")
-    model.add_argument("--second-weights", metavar="W",
-                       help="RSTPM: pair 2's teacher weights: imagenet or a .pth file")
-    model.add_argument("--attention", choices=["on", "off"],
-                       help="RSTPM: gates on the reconstructing student (default on)")
-    model.add_argument("--pair2-training", choices=PAIR2_TRAINING, metavar="IMAGES",
-                       help="RSTPM: rebuild " + " or ".join(PAIR2_TRAINING)
-                            + " images (default normal)")
-    model.add_argument("--decoder-width", type=int, metavar="C",
-                       help="RSTPM: decoder channels at stride 4 (default 32)")
-    model.add_argument("--distillation", choices=["on", "off"],
-                       help="FractalAD: student next to the teacher (default on)")
-    model.add_argument("--anomalies", choices=["fractal", "perlin"], metavar="KIND",
-                       help="FractalAD: fractal (default) or perlin synthetic anomalies")
-    model.add_argument("--foreground", choices=["auto", "on", "off"],
-                       help="FractalAD: anomalies on the object only (auto: decided, and said)")
-    model.add_argument("--anomaly-source", metavar="SRC",
-                       help="texture folder (e.g. DTD), builtin (default), procedural, skimage")
+    _add_method_args(model, inference=False)
     recipe.add_argument("--epochs", type=int, metavar="N")
     recipe.add_argument("--batch-size", type=int, metavar="N")
     recipe.add_argument("--image-size", type=int, metavar="PX", help="network input side (256)")
@@ -177,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue a killed run, or train a finished one on (--epochs)")
     run.add_argument("--test", action="store_true", help="run 'anomap test' afterwards")
     run.add_argument("--no-progress", action="store_true")
-    _add_inference_args(train.add_argument_group("reading the map (retune may change it)"))
+    _add_method_args(train.add_argument_group("reading the map (retune may change it)"),
+                     inference=True)
     _add_calibration_args(train.add_argument_group("threshold"), retuning=False)
 
     test = commands.add_parser("test", help="evaluate a run on a test set, write the report")
@@ -198,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "threshold (no retraining)")
     retune.add_argument("--run", required=True, type=Path, help="the trained run")
     retune.add_argument("--out", required=True, type=Path, help="the new run folder")
-    _add_inference_args(retune)
+    _add_method_args(retune, inference=True)
     _add_calibration_args(retune, retuning=True)
     retune.add_argument("--device", default="auto")
     retune.add_argument("--batch-size", type=int, default=8)
@@ -333,16 +356,6 @@ def _print_metrics(result: dict[str, Any]) -> None:
                     for k in keys if k in result))
 
 
-def _method_options(args: argparse.Namespace) -> dict[str, Any]:
-    """RSTPM's and FractalAD's model options as given (None: not given)."""
-    return {"distillation": None if args.distillation is None else args.distillation == "on",
-            "anomalies": args.anomalies, "foreground": args.foreground,
-            "second_backbone": args.second_backbone, "second_weights": args.second_weights,
-            "attention": None if args.attention is None else args.attention == "on",
-            "pair2_training": args.pair2_training, "decoder_width": args.decoder_width,
-            "fusion": args.fusion}
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from anomap.evaluate import evaluate_run
     from anomap.train import fit
@@ -355,13 +368,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               "augment": args.augment}
     try:
         result = fit(args.model, args.data, args.out,
-                     model_config={"backbone": args.backbone, "weights": args.weights,
-                                   "anomaly_source": args.anomaly_source,
-                                   "strides": args.strides,
-                                   "map_strides": args.map_strides,
-                                   "score_window": args.score_window,
-                                   "image_score": args.image_score,
-                                   **_method_options(args)},
+                     model_config=_method_values(args),
                      recipe_overrides=recipe, resize_mode=args.resize_mode, margin=args.margin,
                      defect_dir=args.defect_dir, mask_dir=args.mask_dir,
                      test_normal_dir=args.test_normal_dir, val_fraction=args.val_fraction,
@@ -407,10 +414,7 @@ def cmd_retune(args: argparse.Namespace) -> int:
     from anomap.calibrate import retune
     from anomap.evaluate import evaluate_run
 
-    calibration = retune(args.run, args.out, {"map_strides": args.map_strides,
-                                              "score_window": args.score_window,
-                                              "image_score": args.image_score,
-                                              "fusion": args.fusion},
+    calibration = retune(args.run, args.out, _method_values(args, inference_only=True),
                          threshold_quantile=args.threshold_quantile,
                          map_normalization=args.map_normalization, device=args.device,
                          batch_size=args.batch_size, progress=not args.no_progress)
@@ -467,7 +471,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from anomap.runtimes import export_run
+    from anomap.export import export_run
 
     record = export_run(args.run, args.out, args.format, args.int8,
                         progress=not args.no_progress)

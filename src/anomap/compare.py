@@ -24,7 +24,8 @@ from PIL import Image
 from anomap import report
 from anomap.data import load_image
 from anomap.files import save_text
-from anomap.run import Detector, RunError, load_json
+from anomap.run import Detector
+from anomap.runfolder import RunError, load_json
 
 
 def _tested(run: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:

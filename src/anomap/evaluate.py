@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import time
-from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -15,45 +15,13 @@ import torch
 from tqdm.auto import tqdm
 
 from anomap import metrics, report
-from anomap.data import (
-    Box,
-    Geometry,
-    LoadedSet,
-    Sample,
-    describe_geometry,
-    discover,
-    load_set,
-    to_float,
-)
-from anomap.export import InferenceModel
+from anomap.data import Box, Sample, describe_geometry, discover, load_set
 from anomap.files import save_json, save_text
 from anomap.machine import describe_machine
-from anomap.methods import METHODS, AnomalyModel
+from anomap.methods import METHODS
 from anomap.run import Detector
-
-
-@torch.no_grad()
-def infer(model: AnomalyModel | InferenceModel, geometry: Geometry, loaded: LoadedSet, *,
-          batch_size: int = 32, device: torch.device | str = "cpu", progress: bool = True,
-          desc: str = "scoring", standardize: Callable[[torch.Tensor], torch.Tensor] | None = None
-          ) -> tuple[torch.Tensor, np.ndarray]:
-    """Maps (N, S, S) in the evaluation frame, on the CPU, and image scores (N,);
-    ``standardize`` (a run's PositionStats) applies to the maps before scoring."""
-    model.eval()
-    n, size = len(loaded), geometry.size
-    maps = torch.empty(n, size, size, dtype=torch.float32)
-    scores = np.empty(n, dtype=np.float64)
-    with tqdm(total=n, desc=desc, disable=not progress, leave=False, unit="img") as bar:
-        for start in range(0, n, batch_size):
-            stop = min(start + batch_size, n)
-            images = to_float(loaded.images[start:stop]).to(device)
-            frame = geometry.restore(model.anomaly_map(images).float(), loaded.boxes[start:stop])
-            if standardize is not None:
-                frame = standardize(frame)
-            scores[start:stop] = model.image_score(frame).cpu().double().numpy()
-            maps[start:stop] = frame.cpu()
-            bar.update(stop - start)
-    return maps, scores
+from anomap.runfolder import RunConfig
+from anomap.scoring import pixel_mask, verdict
 
 
 def _crop(images: torch.Tensor, index: int, box: Box) -> np.ndarray:
@@ -75,12 +43,12 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, *,
     run_dir = Path(run_dir)
     detector = Detector.load(run_dir, device, precision, runtime, probe)
     config = detector.config
-    data_cfg = config.get("data", {})
-    spec = discover(data or data_cfg["root"],
-                    defect_dir=defect_dir or (None if data else data_cfg.get("defect_dir")),
-                    mask_dir=mask_dir or (None if data else data_cfg.get("mask_dir")),
-                    test_normal_dir=test_normal_dir
-                    or (None if data else data_cfg.get("test_normal_dir")))
+    assert config is not None
+    source = config.data
+    spec = discover(data or source.root,
+                    defect_dir=defect_dir or (None if data else source.defect_dir),
+                    mask_dir=mask_dir or (None if data else source.mask_dir),
+                    test_normal_dir=test_normal_dir or (None if data else source.test_normal_dir))
     if not spec.test:
         raise ValueError(f"{spec.root}: no test images found (MVTec layout: test/<type>/; "
                          "plain folders: --defect-dir and --test-normal-dir)")
@@ -89,9 +57,9 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, *,
     loaded = load_set(spec.test, detector.geometry, with_masks=True, desc="reading test images",
                       progress=progress)
     model_started = time.perf_counter()
-    maps, scores = infer(detector.model, detector.geometry, loaded, batch_size=batch_size,
-                         device=detector.device, progress=progress,
-                         standardize=detector.standardize)
+    reading = detector.reader.read_set(detector.model, loaded, batch_size=batch_size,
+                                       device=detector.device, progress=progress)
+    maps, scores = reading.maps, reading.scores
     model_seconds = time.perf_counter() - model_started
     seconds = time.perf_counter() - started
 
@@ -121,7 +89,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, *,
         model_images_per_second=round(len(loaded) / model_seconds, 3),
         precision=detector.precision, runtime=detector.runtime, batch_size=batch_size,
         runtime_choice=detector.load_report, machine=describe_machine(),
-        method=config.get("method"), backbone=config.get("model", {}).get("backbone"),
+        method=config.method, backbone=config.model.get("backbone"),
         settings=describe_settings(config),
         data=str(spec.root), **report.confusion_at(labels, scores, threshold))
 
@@ -129,17 +97,17 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, *,
     vmin, vmax = detector.display_range
     for i, sample in enumerate(tqdm(loaded.samples, desc="writing panels", disable=not progress
                                     or not panels, leave=False)):
-        verdict = "fail" if scores[i] >= threshold else "pass"
+        said = verdict(scores[i], threshold)
         row = {"path": str(sample.path), "label": int(sample.label),
-               "defect_type": sample.defect_type, "score": float(scores[i]), "verdict": verdict,
+               "defect_type": sample.defect_type, "score": float(scores[i]), "verdict": said,
                "panel_png": None}
         if panels:
             # report.panel resizes map and masks to the cropped photo itself
             gt = loaded.masks[i].numpy() if sample.mask_path else None
             amap = maps[i].numpy()
-            caption = f"{sample.defect_type}  score {scores[i]:.4g}  {verdict}"
+            caption = f"{sample.defect_type}  score {scores[i]:.4g}  {said}"
             picture = report.panel(_crop(loaded.images, i, loaded.boxes[i]), amap, vmin, vmax,
-                                   gt_mask=gt, pred_mask=amap >= detector.pixel_threshold,
+                                   gt_mask=gt, pred_mask=pixel_mask(amap, detector.pixel_threshold),
                                    caption=caption)
             path = out / "panels" / sample.defect_type / f"{sample.path.stem}.png"
             row["panel_png"] = str(report.save_png(picture, path))
@@ -147,7 +115,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, *,
 
     write_predictions_csv(rows, out / "predictions.csv")
     save_json(result, out / "metrics.json")
-    title = f"anomap {config.get('method', '')} on {spec.root.name}"
+    title = f"anomap {config.method} on {spec.root.name}"
     report.write_html_report(out / "report.html", title=title, metrics=_headline(result),
                              rows=rows, threshold=threshold)
     return result
@@ -164,32 +132,22 @@ def per_defect_type_auroc(samples: list[Sample], scores: np.ndarray) -> dict[str
             for t in sorted(set(types[labels == 1]))}
 
 
-def describe_settings(config: dict[str, Any]) -> str:
-    """One line that says which model a report is about: the options that change its numbers."""
-    model, recipe = config.get("model", {}), config.get("recipe", {})
-    geometry = config.get("geometry", {})
-    parts = [str(config.get("method", "")), str(model.get("backbone", "") or "")]
-    levels = "/".join(map(str, model.get("strides") or []))
-    if levels:
-        parts.append(f"levels {levels}")
-    if model.get("map_strides"):
-        parts.append(f"map {'/'.join(map(str, model['map_strides']))}")
-    if config.get("method") in METHODS:
-        parts.extend(METHODS[config["method"]].describe_options(model))
-    if model.get("image_score", "max") == "mean":
-        parts.append("image score = map mean")
-    elif model.get("score_window", 1) != 1:
-        parts.append(f"score window {model['score_window']}")
-    if geometry:
-        parts.append(describe_geometry(geometry))
+def describe_settings(config: RunConfig) -> str:
+    """One line that says which model a report is about: the options that change its
+    numbers (the method names its own, :meth:`AnomalyModel.describe_options`)."""
+    recipe = config.recipe
+    parts = [config.method]
+    if config.method in METHODS:
+        parts.extend(METHODS[config.method].describe_options(config.model))
+    parts.append(describe_geometry(asdict(config.geometry)))
     if recipe:
         parts.append(f"{recipe.get('epochs')} epochs, batch {recipe.get('batch_size')}")
     if recipe.get("augment", "none") != "none":
         parts.append(f"augment {recipe['augment']}")
-    if config.get("map_normalization", "none") != "none":
-        parts.append(f"map normalised per {config['map_normalization']}")
-    if config.get("retuned_from"):
-        parts.append(f"retuned from {Path(config['retuned_from']).name}")
+    if config.map_normalization != "none":
+        parts.append(f"map normalised per {config.map_normalization}")
+    if config.retuned_from:
+        parts.append(f"retuned from {Path(config.retuned_from).name}")
     return ", ".join(part for part in parts if part)
 
 

@@ -229,43 +229,43 @@ def open_table(output: Path, fmt: str = "jsonl", resume: bool = False,
 
 
 @dataclass(frozen=True)
-class _Decoded:
+class Decoded:
     found: FoundImage
     prepared: PreparedImage | None = None
     photo: np.ndarray | None = None  # kept only when pictures are written
     error: ImageReadError | None = None
 
 
-def _decode(detector: Detector, found: FoundImage, keep_photo: bool,
-            fast_decode: bool = False) -> _Decoded:
+def decode(detector: Detector, found: FoundImage, keep_photo: bool,
+            fast_decode: bool = False) -> Decoded:
     try:  # reduced JPEG decoding only when no picture at the photo's size is drawn
         photo = load_image(found.path, draft=detector.geometry.size
                            if fast_decode and not keep_photo else None)
     except ImageReadError as error:
-        return _Decoded(found, error=error)
-    return _Decoded(found, detector.prepare(photo), np.asarray(photo) if keep_photo else None)
+        return Decoded(found, error=error)
+    return Decoded(found, detector.prepare(photo), np.asarray(photo) if keep_photo else None)
 
 
 def _decoded_in_order(detector: Detector, images: Sequence[FoundImage], keep_photo: bool,
                       workers: int, window: int, fast_decode: bool = False
-                      ) -> Iterator[_Decoded]:
+                      ) -> Iterator[Decoded]:
     """Decode in a thread pool, at most ``window`` images ahead, yielding in input order."""
     with ThreadPoolExecutor(max_workers=max(1, workers),
                             thread_name_prefix="anomap-decode") as pool:
-        pending: deque[Future[_Decoded]] = deque()
+        pending: deque[Future[Decoded]] = deque()
         queue = iter(images)
         for found in queue:
-            pending.append(pool.submit(_decode, detector, found, keep_photo, fast_decode))
+            pending.append(pool.submit(decode, detector, found, keep_photo, fast_decode))
             if len(pending) >= window:
                 break
         while pending:
             yield pending.popleft().result()
             for found in queue:
-                pending.append(pool.submit(_decode, detector, found, keep_photo, fast_decode))
+                pending.append(pool.submit(decode, detector, found, keep_photo, fast_decode))
                 break
 
 
-def _row(item: _Decoded, prediction: Prediction | None, pictures: Path | None,
+def result_row(item: Decoded, prediction: Prediction | None, pictures: Path | None,
          display_range: tuple[float, float]) -> dict[str, Any]:
     path = str(item.found.path)
     if prediction is None:
@@ -306,7 +306,7 @@ def inspect(detector: Detector, found: Discovery, writer: RowWriter, *,
     summary.already_done = len(found.images) - len(todo)
     bar = tqdm(total=len(todo), unit="img", desc="inspecting", disable=not progress,
                dynamic_ncols=True)
-    chunk: list[_Decoded] = []
+    chunk: list[Decoded] = []
 
     def flush() -> None:
         good = [item for item in chunk if item.error is None]
@@ -315,7 +315,7 @@ def inspect(detector: Detector, found: Discovery, writer: RowWriter, *,
         rows = []
         for item in chunk:
             prediction = next(predictions) if item.error is None else None
-            rows.append(_row(item, prediction, pictures, detector.display_range))
+            rows.append(result_row(item, prediction, pictures, detector.display_range))
             if prediction is None:
                 summary.errors[item.error.reason] += 1
                 (on_error or _log_error)(item.error)

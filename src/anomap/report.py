@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from anomap.files import atomic_write, save_text
+from anomap.scoring import is_anomalous
 
 __all__ = [
     "colorize",
@@ -259,8 +260,7 @@ def confusion_at(
     s = np.asarray(scores, dtype=np.float64).ravel()
     if y.shape != s.shape:
         raise ValueError(f"labels and scores differ in length: {y.shape} vs {s.shape}")
-    with np.errstate(invalid="ignore"):
-        pred = s >= float(threshold)
+    pred = is_anomalous(s, threshold)
     return {
         "tp": int(np.sum(pred & y)),
         "fn": int(np.sum(~pred & y)),
@@ -445,8 +445,7 @@ def _row_verdict(row: dict, threshold: float) -> str:
     verdict = row.get("verdict")
     if verdict:
         return str(verdict)
-    s = _row_score(row)
-    return "fail" if math.isfinite(s) and s >= threshold else "pass"
+    return verdict(_row_score(row), threshold)
 
 
 def _card(row: dict, threshold: float, cache: dict[str, str | None]) -> str:
@@ -614,15 +613,14 @@ def write_html_report(
     def type_order(item: tuple[str, list[dict]]) -> tuple[int, float, str]:
         name, rs = item
         is_def = any(_row_label(r) for r in rs)
-        flagged = sum(1 for r in rs if _row_score(r) >= threshold)
+        flagged = int(is_anomalous([_row_score(r) for r in rs], threshold).sum())
         return (1 if is_def else 0, flagged / len(rs) if is_def else 0.0, name)
 
     type_rows = []
     for name, rs in sorted(by_type.items(), key=type_order):
         is_def = any(_row_label(r) for r in rs)
         s = np.array([_row_score(r) for r in rs], dtype=np.float64)
-        with np.errstate(invalid="ignore"):
-            flagged = int(np.sum(s >= threshold))
+        flagged = int(is_anomalous(s, threshold).sum())
         rate = flagged / len(rs)
         fin_s = s[np.isfinite(s)]
         mean = float(fin_s.mean()) if fin_s.size else float("nan")

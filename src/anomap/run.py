@@ -1,26 +1,17 @@
-"""A trained run on disk, and the library API to use it.
-
-A run folder holds everything needed to use a model offline, with no access to
-the data or the teacher's original weights:
-
-    config.json       method, model config, recipe, geometry, seed, data, command
-    model.pt          the selected weights (teacher included)
-    calibration.json  image and pixel thresholds, heat-map display range, from held-out normals
-    position_stats.pt per-position normal map statistics (--map-normalization position)
-    last.pt           full training state, for --resume
-    history.csv       one row per epoch
+"""The library API: a trained run (or its export) that reads photos.
 
     >>> from anomap import Detector
     >>> detector = Detector.load("runs/tiles")
     >>> result = detector.predict("photo.png")[0]
     >>> result.score, result.verdict, result.anomaly_map.shape
+
+What a run folder holds is :mod:`anomap.runfolder`'s; how a map becomes a
+score and a verdict is :mod:`anomap.scoring`'s, for every runtime.
 """
 
 from __future__ import annotations
 
-import csv
 import functools
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,10 +22,23 @@ import numpy as np
 import torch
 from PIL import Image
 
-from anomap.data import Box, Geometry, load_image, to_pil
-from anomap.export import InferenceModel, resolve_precision
-from anomap.methods import AnomalyModel, build_untrained
-from anomap.standardize import PositionStats
+from anomap.data import Box, load_image, to_pil
+from anomap.inference import InferenceModel, resolve_precision
+from anomap.methods import AnomalyModel
+from anomap.runfolder import (
+    EXPORT_FILE,
+    FP32_POSITION_STATS_FILE,
+    POSITION_STATS_FILE,
+    RunConfig,
+    RunError,
+    is_export,
+    load_calibration,
+    load_json,
+    load_model,
+    load_position_stats,
+)
+from anomap.runtimes import RUNTIMES, default_runtime, load_network, readable_runtimes
+from anomap.scoring import FAIL, PASS, MapReader, Thresholds, pixel_mask, resize_map
 from anomap.trust import (
     PROBE_ACTIONS,
     CheckSet,
@@ -46,102 +50,7 @@ from anomap.trust import (
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.pt"
-STATE_FILE = "last.pt"
-CALIBRATION_FILE = "calibration.json"
-HISTORY_FILE = "history.csv"
-POSITION_STATS_FILE = "position_stats.pt"
-#: an int8 export keeps the run's own thresholds and statistics for its fp32 graph
-FP32_CALIBRATION_FILE = "calibration.fp32.json"
-FP32_POSITION_STATS_FILE = "position_stats.fp32.pt"
-
 ImageLike = Image.Image | np.ndarray | str | Path
-
-
-class RunError(RuntimeError):
-    """A run folder that is missing or incomplete."""
-
-
-class RunExistsError(RuntimeError):
-    """Refuse to overwrite a run: work is never lost by a repeated command."""
-
-
-def load_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise RunError(f"{path}: missing; is this a folder written by 'anomap train'?") from None
-    except json.JSONDecodeError as error:
-        raise RunError(f"{path}: not valid JSON ({error})") from None
-
-
-def load_history(run_dir: str | Path) -> list[dict[str, Any]]:
-    """A run's history.csv, one dict of numbers per epoch (``best`` as a bool)."""
-    path = Path(run_dir) / HISTORY_FILE
-    if not path.is_file():
-        raise RunError(f"{path}: missing; training has not finished an epoch")
-    with path.open(newline="") as handle:
-        try:
-            return [{key: (value == "True") if key == "best" else
-                     int(value) if key == "epoch" else float(value)
-                     for key, value in row.items()} for row in csv.DictReader(handle)]
-        except (TypeError, ValueError) as error:
-            raise RunError(f"{path}: not a history written by anomap ({error})") from None
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' takes the GPU when there is one; asking for a missing one is an error."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asked for, but PyTorch sees no CUDA GPU here; "
-                           "use --device cpu or auto")
-    return device
-
-
-def geometry_from_config(config: dict[str, Any]) -> Geometry:
-    geometry = config["geometry"]
-    return Geometry(size=int(geometry["size"]), mode=geometry["mode"],
-                    margin=int(geometry.get("margin", 0)))  # older runs have no margin
-
-
-def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
-               weights_file: str = WEIGHTS_FILE, config: dict[str, Any] | None = None
-               ) -> tuple[AnomalyModel, dict[str, Any]]:
-    """Rebuild the model from config.json (or the ``config`` given) and load the
-    run's weights (no download: the teacher's weights are inside the checkpoint)."""
-    run_dir = Path(run_dir)
-    config = config or load_json(run_dir / CONFIG_FILE)
-    model = build_untrained(config["method"], **config["model"])
-    path = run_dir / weights_file
-    if not path.is_file():
-        raise RunError(f"{path}: no weights yet; training has not finished an epoch")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state.get("model", state))
-    return model.to(resolve_device(device)).eval(), config
-
-
-def load_position_stats(run_dir: str | Path, config: dict[str, Any],
-                        name: str = POSITION_STATS_FILE) -> PositionStats | None:
-    """The run's normal map statistics when its config asks for them, else None."""
-    if config.get("map_normalization", "none") == "none":
-        return None
-    path = Path(run_dir) / name
-    if not path.is_file():
-        raise RunError(f"{path}: missing, but the run uses --map-normalization "
-                       f"{config['map_normalization']}; recalibrate it with 'anomap retune "
-                       f"--run {run_dir} --out NEW --map-normalization "
-                       f"{config['map_normalization']}'")
-    return PositionStats.load(path)
-
-
-def resize_map(amap: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """One (S, S) map in the evaluation frame -> (H, W) float32 array at the photo's size."""
-    resized = torch.nn.functional.interpolate(amap[None, None].float(), size=size,
-                                              mode="bilinear", align_corners=False)
-    return resized[0, 0].cpu().numpy()
 
 
 @dataclass(frozen=True)
@@ -177,44 +86,61 @@ class Prediction:
     @functools.cached_property
     def mask(self) -> np.ndarray:
         """(H, W) bool: where the map reaches the pixel threshold."""
-        return self.anomaly_map >= (self.threshold if self.pixel_threshold is None
-                                    else self.pixel_threshold)
+        return pixel_mask(self.anomaly_map, self.threshold if self.pixel_threshold is None
+                          else self.pixel_threshold)
 
     @property
     def is_anomalous(self) -> bool:
-        return self.verdict == "fail"
+        return self.verdict == FAIL
 
 
 class Detector:
-    """A trained model with its geometry and calibrated threshold: call it on images.
+    """A trained network with the way its run reads maps: call it on images.
 
     The model is copied with BatchNorm folded into the convolutions (see
-    :mod:`anomap.export`), which makes CPU inference about 1.3-1.8x faster.
+    :mod:`anomap.inference`), which makes CPU inference about 1.3-1.8x faster.
     ``precision="bf16"`` computes in bfloat16, about 2x faster again on a CPU
     that does so natively, at the cost of noisier maps (docs/speed.md);
     ``auto`` picks it where native. Verdicts use the float32-calibrated threshold.
-    ``standardize`` (runs trained with ``--map-normalization position``) turns
-    maps into standard deviations from the normal map at each position.
+    ``reader`` (:class:`anomap.scoring.MapReader`) holds the geometry, the score
+    options, the position statistics and the thresholds.
     """
 
-    def __init__(self, model: AnomalyModel | Any, geometry: Geometry, threshold: float,
-                 display_range: tuple[float, float], config: dict[str, Any] | None = None,
-                 precision: str = "fp32", standardize: PositionStats | None = None,
-                 pixel_threshold: float | None = None) -> None:
+    def __init__(self, model: AnomalyModel | Any, reader: MapReader,
+                 config: RunConfig | None = None, precision: str = "fp32") -> None:
         if isinstance(model, torch.nn.Module):
             device = next(model.parameters()).device
             self.model = InferenceModel(model, resolve_precision(precision, device))
-        else:  # an exported network (anomap.runtimes): maps and scores, nothing else
+        else:  # an exported network (anomap.runtimes): raw maps, nothing else
             self.model = model
-        self.geometry = geometry
-        self.standardize = standardize
-        self.threshold = float(threshold)
-        #: where the defect mask starts (runs calibrated before it existed: the threshold)
-        self.pixel_threshold = float(threshold if pixel_threshold is None else pixel_threshold)
-        self.display_range = (float(display_range[0]), float(display_range[1]))
-        self.config = config or {}
+        if reader.thresholds is None:
+            raise ValueError("a Detector needs a calibrated reader (thresholds)")
+        self.reader = reader
+        self.config = config
         #: for an export: which runtime was loaded and why (the probe's records)
         self.load_report: dict[str, Any] | None = None
+
+    @property
+    def geometry(self) -> Any:
+        return self.reader.geometry
+
+    @property
+    def thresholds(self) -> Thresholds:
+        assert self.reader.thresholds is not None
+        return self.reader.thresholds
+
+    @property
+    def threshold(self) -> float:
+        return self.thresholds.image
+
+    @property
+    def pixel_threshold(self) -> float:
+        """Where the defect mask starts (runs calibrated before it existed: the threshold)."""
+        return self.thresholds.pixel
+
+    @property
+    def display_range(self) -> tuple[float, float]:
+        return self.thresholds.display_range
 
     @property
     def device(self) -> torch.device:
@@ -240,45 +166,38 @@ class Detector:
         that fails it is refused (``probe="refuse"``), or the export's fp32 graph is
         loaded in its place with a warning (``"fallback"``); ``"off"`` skips it.
         What was tried and why is in :attr:`load_report`."""
-        from anomap.runtimes import RUNTIMES, is_export
-
         path = Path(path)
         if runtime not in ("auto", *RUNTIMES):
             raise ValueError(f"runtime {runtime!r}: choose auto or one of {', '.join(RUNTIMES)}")
         if probe not in PROBE_ACTIONS:
             raise ValueError(f"probe {probe!r}: choose one of {', '.join(PROBE_ACTIONS)}")
-        config = load_json(path / CONFIG_FILE)
+        config = RunConfig.load(path)
         if is_export(path):
             return cls._load_export(path, config, runtime, probe)
         if runtime not in ("auto", "torch"):
             raise RunError(f"{path} is a run: runtime {runtime} reads an export of it; make "
                            f"one with 'anomap export --run {path} --out DIR'")
         network, config = load_model(path, device, config=config)
-        calibration = load_json(path / CALIBRATION_FILE)
-        return cls(network, geometry_from_config(config), calibration["threshold"],
-                   tuple(calibration["display_range"]), config, precision,
-                   load_position_stats(path, config), calibration.get("pixel_threshold"))
+        return cls(network, cls._reader(path, config), config, precision)
 
-    @classmethod
-    def _from_export(cls, path: Path, config: dict[str, Any], runtime: str,
-                     fp32_graph: bool = False) -> Detector:
-        """One runtime on one of the export's graphs, with that graph's thresholds."""
-        from anomap.runtimes import load_network
-
-        calibration = load_json(path / (FP32_CALIBRATION_FILE if fp32_graph
-                                        else CALIBRATION_FILE))
+    @staticmethod
+    def _reader(path: Path, config: RunConfig, fp32_graph: bool = False) -> MapReader:
+        """How the run (or one graph of its export) reads maps, from its folder."""
         stats = load_position_stats(path, config, FP32_POSITION_STATS_FILE if fp32_graph
                                     else POSITION_STATS_FILE)
-        network = load_network(path, runtime, config["model"], fp32_graph=fp32_graph)
-        return cls(network, geometry_from_config(config), calibration["threshold"],
-                   tuple(calibration["display_range"]), config, "fp32", stats,
-                   calibration.get("pixel_threshold"))
+        return MapReader(config.geometry, config.model, stats,
+                         Thresholds.from_calibration(load_calibration(path, fp32_graph)))
 
     @classmethod
-    def _load_export(cls, path: Path, config: dict[str, Any], runtime: str,
-                     probe: str) -> Detector:
-        from anomap.runtimes import EXPORT_FILE, default_runtime, readable_runtimes
+    def _from_export(cls, path: Path, config: RunConfig, runtime: str,
+                     fp32_graph: bool = False) -> Detector:
+        """One runtime on one of the export's graphs, with that graph's thresholds."""
+        network = load_network(path, runtime, config.model, fp32_graph=fp32_graph)
+        return cls(network, cls._reader(path, config, fp32_graph), config, "fp32")
 
+    @classmethod
+    def _load_export(cls, path: Path, config: RunConfig, runtime: str,
+                     probe: str) -> Detector:
         export = load_json(path / EXPORT_FILE)
         candidates = readable_runtimes(path) if runtime == "auto" else [runtime]
         stored = None if probe == "off" else load_probe(path)
@@ -342,9 +261,6 @@ class Detector:
                         np.array([r.score for r in results], dtype=np.float64),
                         np.array([r.is_anomalous for r in results]), self.threshold)
 
-    def _standardized(self, maps: torch.Tensor) -> torch.Tensor:
-        return maps if self.standardize is None else self.standardize(maps)
-
     @torch.no_grad()
     def network_maps_and_scores(self, images: torch.Tensor
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -356,8 +272,9 @@ class Detector:
         stretch`` and no margin these are :meth:`predict`'s scores; on others, the
         padding a photo would have had is missing, so score photos with
         :meth:`predict`, which applies the run's geometry."""
-        maps = self._standardized(self.model.anomaly_map(images.to(self.device)))
-        return maps.cpu(), self.model.image_score(maps).cpu()
+        raw = self.model.anomaly_map(images.to(self.device))
+        maps = raw if self.reader.standardize is None else self.reader.standardize(raw)
+        return maps.cpu(), self.reader.score(maps).cpu()
 
     def prepare(self, photo: Image.Image) -> PreparedImage:
         """A decoded RGB photo -> the network's input and what maps it back.
@@ -374,18 +291,16 @@ class Detector:
         if not prepared:
             return []
         tensor = torch.from_numpy(np.stack([p.array for p in prepared])).permute(0, 3, 1, 2)
-        maps = self.model.anomaly_map(tensor.float().div(255.0).to(self.device))
-        frame_maps = self._standardized(self.geometry.restore(maps, [p.box for p in prepared]))
-        scores = self.model.image_score(frame_maps).cpu().tolist()
+        raw = self.model.anomaly_map(tensor.float().div(255.0).to(self.device))
+        reading = self.reader.read(raw, [p.box for p in prepared])
         paths = list(paths) if paths is not None else [None] * len(prepared)
-        results = []
-        frame_maps = frame_maps.cpu()
-        for item, amap, score, path in zip(prepared, frame_maps, scores, paths, strict=True):
-            results.append(Prediction(
-                score=score, verdict="fail" if score >= self.threshold else "pass",
-                frame_map=amap, size=item.size, threshold=self.threshold,
-                pixel_threshold=self.pixel_threshold, path=path))
-        return results
+        assert reading.anomalous is not None
+        return [Prediction(score=float(score), verdict=FAIL if anomalous else PASS,
+                           frame_map=amap, size=item.size, threshold=self.threshold,
+                           pixel_threshold=self.pixel_threshold, path=path)
+                for item, amap, score, anomalous, path in zip(
+                    prepared, reading.maps, reading.scores, reading.anomalous, paths,
+                    strict=True)]
 
     def predict(self, images: ImageLike | Sequence[ImageLike] | torch.Tensor,
                 batch_size: int = 8) -> list[Prediction]:

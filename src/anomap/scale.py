@@ -21,19 +21,23 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+import torch
 
 from anomap.data import ImageReadError, load_image
+from anomap.files import save_json
 from anomap.inspection import (
     COLUMNS,
+    Decoded,
     Discovery,
     FoundImage,
+    RowWriter,
     Summary,
-    _decode,
-    _Decoded,
-    _row,
+    decode,
     find_images,
     open_table,
+    result_row,
 )
+from anomap.run import Detector
 from anomap.runtimes import require
 
 
@@ -42,18 +46,14 @@ class _Scorer:
 
     def __init__(self, run: str, runtime: str, pictures: str | None,
                  probe: str = "refuse") -> None:
-        import torch
-
-        from anomap.run import Detector
-
         torch.set_num_threads(1)  # one core per actor; Ray gives each its own
         self.detector = Detector.load(run, "cpu", runtime=runtime, probe=probe)
         self.pictures = Path(pictures) if pictures else None
 
-    def _decode(self, path: str, relative: str) -> _Decoded:
+    def _decode(self, path: str, relative: str) -> Decoded:
         found = FoundImage(Path(path), Path(relative))
         if not is_uri(path):
-            return _decode(self.detector, found, self.pictures is not None)
+            return decode(self.detector, found, self.pictures is not None)
         try:  # s3://, gs://, hdfs://, file://: whatever pyarrow's file systems reach
             from pyarrow import fs
 
@@ -61,11 +61,11 @@ class _Scorer:
             with filesystem.open_input_stream(where) as stream:
                 photo = load_image(io.BytesIO(stream.read()), name=path)
         except ImageReadError as error:
-            return _Decoded(found, error=error)
+            return Decoded(found, error=error)
         except (OSError, ValueError) as error:
-            return _Decoded(found, error=ImageReadError(f"{path}: cannot read ({error})",
+            return Decoded(found, error=ImageReadError(f"{path}: cannot read ({error})",
                                                         "cannot read"))
-        return _Decoded(found, self.detector.prepare(photo),
+        return Decoded(found, self.detector.prepare(photo),
                         np.asarray(photo) if self.pictures is not None else None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
@@ -75,7 +75,7 @@ class _Scorer:
         good = [item for item in decoded if item.error is None]
         predictions = iter(self.detector.predict_prepared([i.prepared for i in good],
                                                           [str(i.found.path) for i in good]))
-        rows = [_row(item, next(predictions) if item.error is None else None, self.pictures,
+        rows = [result_row(item, next(predictions) if item.error is None else None, self.pictures,
                      self.detector.display_range) for item in decoded]
         for row, path in zip(rows, paths, strict=True):
             row["path"] = path  # as given: a URI keeps its //
@@ -126,8 +126,6 @@ def inspect_on_ray(run: str | Path, inputs: Sequence[str | Path], output: Path |
     else:
         if resume:
             raise ValueError("--resume needs --output FILE in jsonl or csv")
-        from anomap.inspection import RowWriter
-
         handle, done = None, set()
         writer = None if parquet else RowWriter(stream or io.StringIO(), fmt)
     if not ray.is_initialized():
@@ -172,7 +170,5 @@ def inspect_on_ray(run: str | Path, inputs: Sequence[str | Path], output: Path |
         pq.write_table(table, output)
     summary.seconds = time.perf_counter() - started
     if output is not None:
-        from anomap.files import save_json
-
         save_json(summary.to_json(), output.with_name(output.name + ".summary.json"))
     return summary

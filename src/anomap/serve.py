@@ -28,7 +28,7 @@ import secrets
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -190,9 +190,9 @@ class ServedModel:
     def describe(self) -> dict[str, Any]:
         config = self.detector.config
         info: dict[str, Any] = {
-            "name": self.name, "method": config.get("method"),
+            "name": self.name, "method": config.method,
             "runtime": self.detector.runtime, "precision": self.detector.precision,
-            "settings": config.get("model", {}), "geometry": config.get("geometry"),
+            "settings": config.model, "geometry": asdict(config.geometry),
             "threshold": self.detector.threshold,
             "pixel_threshold": self.detector.pixel_threshold,
             "display_range": list(self.detector.display_range),
@@ -374,8 +374,7 @@ def create_app(models: dict[str, Detector | str | Path], settings: ServeSettings
         except ImageReadError as error:
             code = {"over pixel limit": "too_many_pixels"}.get(error.reason, "not_an_image")
             return {"code": code, "message": str(error)}
-        return PreparedImage(*detector.geometry.apply(photo), (photo.height, photo.width)), \
-            np.asarray(photo)
+        return detector.prepare(photo), np.asarray(photo)
 
     def picture(png: bytes, as_url: bool) -> str:
         return (f"/v1/pictures/{pictures.put(png)}" if as_url

@@ -30,25 +30,26 @@ from tqdm.auto import tqdm
 
 from anomap import __version__, distributed
 from anomap.allocator import keep_freed_memory
-from anomap.calibrate import NO_SPLIT_SOURCE, Calibration, normal_split
+from anomap.calibrate import NO_SPLIT_SOURCE, Calibration
 from anomap.data import Geometry, LoadedSet, load_set, to_float
-from anomap.evaluate import infer
-from anomap.export import InferenceModel
-from anomap.files import save_json, save_text, save_torch
+from anomap.files import save_text, save_torch
+from anomap.inference import InferenceModel
 from anomap.methods import AnomalyModel, Recipe, build_model, get_method
 from anomap.metrics import image_auroc, pixel_auroc
 from anomap.orientation import random_orientations
-from anomap.run import (
-    CALIBRATION_FILE,
+from anomap.runfolder import (
     CONFIG_FILE,
     HISTORY_FILE,
     STATE_FILE,
     WEIGHTS_FILE,
+    DataSource,
+    RunConfig,
     RunExistsError,
-    geometry_from_config,
-    load_json,
+    load_calibration,
+    normal_split,
     resolve_device,
 )
+from anomap.scoring import MapReader
 from anomap.standardize import PositionStats, check_normalization, require_enough_images
 from anomap.synth.check import synthetic_check_set
 
@@ -109,19 +110,19 @@ def _extended_recipe(saved: dict[str, Any], overrides: dict[str, Any], run_dir: 
     return recipe
 
 
-def _warn_fixed_on_resume(config: dict[str, Any], model_config: dict[str, Any], preset: str,
+def _warn_fixed_on_resume(config: RunConfig, model_config: dict[str, Any], preset: str,
                           run_dir: Path) -> None:
     """Model options and the preset are fixed once a run exists: name any given that differ."""
     for key, value in model_config.items():
-        saved = config["model"].get(key)
+        saved = config.model.get(key)
         if value is None or _same(saved, value):
             continue
         log.warning("%s: --%s is ignored on resume (the run keeps %s); change how a trained "
                     "model is read with 'anomap retune', what it learns with a new --out",
                     run_dir, key.replace("_", "-"), saved)
-    if preset not in ("auto", config.get("preset")):
+    if preset not in ("auto", config.preset):
         log.warning("%s: --preset %s is ignored on resume (the run keeps %s)", run_dir, preset,
-                    config.get("preset"))
+                    config.preset)
 
 
 def _epochs_done(run_dir: Path) -> int:
@@ -184,26 +185,27 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
     if resume:
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path}: nothing to resume in {run_dir}")
-        config = load_json(config_path)
-        config["recipe"] = _extended_recipe(config["recipe"], recipe_overrides or {}, run_dir)
+        config = RunConfig.load(run_dir)
+        config = config.updated(
+            recipe=_extended_recipe(config.recipe, recipe_overrides or {}, run_dir),
+            resume_commands=(*config.resume_commands, " ".join(sys.argv)))
         _warn_fixed_on_resume(config, model_config or {}, preset, run_dir)
         from_preset: dict[str, Any] = {}
-        config["resume_commands"] = [*config.get("resume_commands", []), " ".join(sys.argv)]
-        fixed = config.get("map_normalization", "none")
+        fixed = config.map_normalization
         if map_normalization not in (None, fixed):
             raise ValueError(f"{run_dir} is calibrated with --map-normalization {fixed}; to "
                              f"read it otherwise use 'anomap retune --map-normalization "
                              f"{map_normalization}'")
-        saved = geometry_from_config(config)
+        saved = config.geometry
         wanted = (resize_mode or saved.mode, saved.margin if margin is None else margin)
         if wanted != (saved.mode, saved.margin):
             raise ValueError(f"{run_dir} was trained with --resize-mode {saved.mode} --margin "
                              f"{saved.margin}; the input geometry cannot change on --resume: "
                              "start a new run with --out")
         done = _epochs_done(run_dir)
-        if config["recipe"]["epochs"] < done:
+        if config.recipe["epochs"] < done:
             raise ValueError(f"{run_dir} has trained {done} epochs already; --epochs "
-                             f"{config['recipe']['epochs']} would end before that")
+                             f"{config.recipe['epochs']} would end before that")
     else:
         if (run_dir / STATE_FILE).exists() or config_path.exists():
             raise RunExistsError(
@@ -220,52 +222,46 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
         chosen = method_cls.presets()[preset]
         from_preset = {k: v for k, v in chosen.config.items() if k not in given}
         recipe = chosen.recipe.updated(**(recipe_overrides or {}))
-        config = {
-            "anomap_version": __version__,
-            "method": method_cls.name,
-            "preset": preset,
-            "model": {**method_cls.default_config(), **chosen.config, **given},
-            "recipe": asdict(recipe),
-            "geometry": asdict(Geometry(recipe.image_size, resize_mode or "letterbox",
-                                        margin or 0)),
-            "data": {"root": str(Path(data).resolve()),
-                     "defect_dir": str(defect_dir) if defect_dir else None,
-                     "mask_dir": str(mask_dir) if mask_dir else None,
-                     "test_normal_dir": str(test_normal_dir) if test_normal_dir else None,
-                     "val_fraction": val_fraction},
-            "seed": seed,
-            "threshold_quantile": threshold_quantile,
-            "map_normalization": map_normalization or chosen.map_normalization,
-            "command": " ".join(sys.argv),
-        }
-    recipe_dict = dict(config["recipe"])
+        config = RunConfig(
+            anomap_version=__version__, method=method_cls.name, preset=preset,
+            model={**method_cls.default_config(), **chosen.config, **given},
+            recipe=asdict(recipe),
+            geometry=Geometry(recipe.image_size, resize_mode or "letterbox", margin or 0),
+            data=DataSource(root=str(Path(data).resolve()), val_fraction=val_fraction,
+                            defect_dir=str(defect_dir) if defect_dir else None,
+                            mask_dir=str(mask_dir) if mask_dir else None,
+                            test_normal_dir=str(test_normal_dir) if test_normal_dir else None),
+            seed=seed, threshold_quantile=threshold_quantile,
+            map_normalization=map_normalization or chosen.map_normalization,
+            command=" ".join(sys.argv))
+    recipe_dict = dict(config.recipe)
     recipe_dict["lr_milestones"] = tuple(recipe_dict["lr_milestones"])
     recipe = Recipe(**recipe_dict)
-    geometry = Geometry(**config["geometry"])
-    seed = int(config["seed"])
+    geometry = config.geometry
+    seed = config.seed
     seed_everything(seed)
     if torch_device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick kernels
 
     # Build first: a wrong backbone name or unavailable weights fail before any data is read.
     try:
-        model = build_model(config["method"], **config["model"]).to(torch_device)
+        model = build_model(config.method, **config.model).to(torch_device)
     except ValueError as error:
         if not from_preset:
             raise
         settings = ", ".join(f"--{k.replace('_', '-')} "
                              + (" ".join(map(str, v)) if isinstance(v, list) else str(v))
                              for k, v in from_preset.items())
-        raise ValueError(f"{error} (from --preset {config['preset']}, which sets {settings}: "
+        raise ValueError(f"{error} (from --preset {config.preset}, which sets {settings}: "
                          "give the conflicting option too, or another --preset)") from error
     train_samples, val_samples = normal_split(config)
     train_set = load_set(train_samples, geometry, desc="reading training images",
                          progress=progress)
     val_set = (load_set(val_samples, geometry, desc="reading validation images",
                         progress=progress) if val_samples else None)
-    require_enough_images(config.get("map_normalization", "none"),
+    require_enough_images(config.map_normalization,
                           len(val_set) if val_set is not None else len(train_set),
-                          config["data"]["root"])
+                          config.data.root)
     skipped = train_set.skipped + (val_set.skipped if val_set else [])
     for line in skipped:
         log.warning("skipped unreadable file %s", line)
@@ -273,28 +269,27 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
     if not resume:  # ``auto`` options settled once, from the normal images, and recorded
         sample = to_float(train_set.images[:: max(1, len(train_set) // 64)])
         for option, (value, why) in model.decide_from_data(sample).items():
-            config["model"][option] = value
-            config.setdefault("decisions", {})[option] = why
+            config.model[option] = value
+            config.decisions[option] = why
             log.info("%s auto -> %s: %s", option, value, why)
     if ranks.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_json(config, config_path)
-    calibration = Calibration(run_dir, config["threshold_quantile"], skipped,
-                              config.get("map_normalization", "none"), model.image_score)
+        config.save(run_dir)
+    calibration = Calibration(run_dir, config.threshold_quantile, skipped,
+                              config.map_normalization, config.model)
     history = train_loop(model, recipe, train_set, val_set, geometry, run_dir,
                          device=torch_device, seed=seed, resume=resume, progress=progress,
                          calibration=calibration, ranks=ranks)
     if val_set is None and ranks.is_main:  # nothing held out: calibrate on the training images
-        maps, scores = infer(model, geometry, train_set, device=torch_device,
-                             batch_size=recipe.batch_size, progress=progress,
-                             desc="calibrating")
-        calibration.write(maps, scores, history[-1]["epoch"],
+        reading = MapReader(geometry, model.config).read_set(
+            model, train_set, device=torch_device, batch_size=recipe.batch_size,
+            progress=progress, desc="calibrating")
+        calibration.write(reading.maps, reading.scores, history[-1]["epoch"],
                           source=NO_SPLIT_SOURCE)
     ranks.barrier()  # rank 0 has written the run
     return {"run_dir": str(run_dir), "history": history,
-            "decisions": {k: (config["model"][k], why)
-                          for k, why in config.get("decisions", {}).items()},
-            **load_json(run_dir / CALIBRATION_FILE)}
+            "decisions": {k: (config.model[k], why) for k, why in config.decisions.items()},
+            **load_calibration(run_dir)}
 
 
 def synthetic_aurocs(model: AnomalyModel | InferenceModel, geometry: Geometry,
@@ -303,8 +298,9 @@ def synthetic_aurocs(model: AnomalyModel | InferenceModel, geometry: Geometry,
                      standardize: PositionStats | None = None) -> tuple[float, float]:
     """(image AUROC, pixel AUROC) of clean held-out normals against ``check``
     (``standardize``: read the maps as a run with position statistics does)."""
-    maps, scores = infer(model, geometry, check, batch_size=batch_size, device=device,
-                         progress=False, standardize=standardize)
+    reading = MapReader(geometry, model.config, standardize).read_set(
+        model, check, batch_size=batch_size, device=device, progress=False)
+    maps, scores = reading.maps, reading.scores
     labels = np.r_[np.zeros(len(normal_scores)), np.ones(len(scores))]
     assert check.masks is not None
     masks = torch.cat((torch.zeros_like(normal_maps, dtype=torch.bool), check.masks))
@@ -430,8 +426,9 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
         train_seconds = time.perf_counter() - started
         val_score, judged = float("nan"), {}
         if val_set is not None and ranks.is_main:
-            maps, scores = infer(model, geometry, val_set, batch_size=recipe.batch_size,
-                                 device=device, progress=False)
+            reading = MapReader(geometry, model.config).read_set(
+                model, val_set, batch_size=recipe.batch_size, device=device, progress=False)
+            maps, scores = reading.maps, reading.scores
             val_score = float(scores.mean())
             if check is not None:
                 image, pixel = synthetic_aurocs(model, geometry, check, maps, scores,

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomap.backbones import Backbone, check_strides
+from anomap.backbones.base import Backbone, check_strides
 
 #: the checkpoints expect inputs scaled to [-1, 1]
 LITE_MEAN = (0.5, 0.5, 0.5)

@@ -32,7 +32,7 @@ def build_untrained(name: str, **config: Any) -> AnomalyModel:
     """``build_model`` without loading pretrained weights: for a model whose
     weights come from a checkpoint next, or that is only used to draw samples."""
     cls = get_method(name)
-    return build_model(name, **{**config, **dict.fromkeys(cls.pretrained_options)})
+    return build_model(name, **{**config, **dict.fromkeys(cls.pretrained_options())})
 
 
 __all__ = ["METHODS", "SELECTION_RULES", "AnomalyModel", "Recipe", "build_model",

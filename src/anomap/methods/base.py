@@ -7,36 +7,84 @@ contract, so a new method is one new file in this folder.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar
+from functools import cache
+from typing import Annotated, Any, ClassVar, get_args, get_origin
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from anomap.orientation import check_orientation
+from anomap.scoring import IMAGE_SCORES, check_score_options, image_score
 
 SELECTION_RULES = ("val_score", "last", "synthetic")
-#: how a map becomes the image score: its hottest KxK window, or its mean
-IMAGE_SCORES = ("max", "mean")
 
 
-def score_maps(maps: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
-    """(B, H, W) maps in the photo's frame -> (B,) image scores, by a method's config.
+@dataclass(frozen=True)
+class Opt:
+    """What a method's constructor parameter means to users, in its annotation:
+    ``strides: Annotated[list[int], Opt("pyramid levels")] = (4, 8, 16)``. The typed
+    signature is the one declaration of a method's options: their names, types and
+    defaults come from it; CLI flags, ``retune``, docs/cli.md and reports from this."""
 
-    ``image_score="max"``: the max of the map after a ``score_window`` x
-    ``score_window`` mean filter (1 = the plain max); a window makes one hot
-    pixel count less than a hot region. ``"mean"``: the mean of the whole
-    map, which adds up weak evidence spread over a large area; it suits maps
-    read in units of normal variation (``--map-normalization position``),
-    where a normal position averages zero wherever it is. A function of the
-    config alone, so an exported network is scored exactly as its run."""
-    if config.get("image_score", "max") == "mean":
-        return maps.flatten(1).mean(dim=1)
-    window = config.get("score_window", 1)
-    if window > 1:
-        maps = F.avg_pool2d(maps[:, None], window, stride=1, padding=window // 2)
-    return maps.flatten(1).amax(dim=1)
+    help: str
+    choices: tuple[str, ...] | None = None
+    #: changes how a trained map is read, not what is learnt: ``anomap retune`` may change it
+    inference: bool = False
+    #: names pretrained weights to load; a saved run's checkpoint holds them, so they are
+    #: set to None when it is loaded
+    pretrained: bool = False
+    metavar: str | None = None
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One declared option: name, default, value type, and its :class:`Opt`."""
+
+    name: str
+    default: Any
+    kind: type  # int, float, str or bool
+    many: bool  # a list of ``kind``
+    opt: Opt
+
+
+def _spec(name: str, parameter: inspect.Parameter) -> OptionSpec | None:
+    annotation = parameter.annotation
+    if get_origin(annotation) is not Annotated:
+        return None
+    base, *extras = get_args(annotation)
+    opt = next((e for e in extras if isinstance(e, Opt)), None)
+    if opt is None:
+        return None
+    kinds = [a for a in (get_args(base) or (base,)) if a is not type(None)]
+    many = False
+    for candidate in kinds:
+        if get_origin(candidate) in (list, tuple):
+            many, kinds = True, [get_args(candidate)[0]]
+            break
+    default = parameter.default
+    if isinstance(default, tuple):
+        default = list(default)
+    return OptionSpec(name, default, kinds[0], many, opt)
+
+
+# Options several methods share, declared once.
+BackboneName = Annotated[str, Opt("feature network: efficientnet_lite0 (offline), _lite1, "
+                                  "_lite2, resnet18", metavar="NAME")]
+TeacherWeights = Annotated[str | None, Opt("teacher weights: imagenet or a .pth file",
+                                           pretrained=True, metavar="W")]
+Strides = Annotated[tuple[int, ...] | list[int], Opt("pyramid levels (MTD: 8 16 32)",
+                                                     metavar="S")]
+ScoreWindow = Annotated[int, Opt("image score = max of the map's KxK means (odd)",
+                                 inference=True, metavar="K")]
+ImageScoreRule = Annotated[str, Opt("max: the hottest window; mean: of the whole map",
+                                    choices=IMAGE_SCORES, inference=True)]
+AnomalySourceName = Annotated[str | None, Opt(
+    "textures pasted as synthetic anomalies: a folder (e.g. DTD), builtin, procedural, "
+    "skimage", metavar="SRC")]
+AnomalyShare = Annotated[float, Opt("share of training images given a synthetic anomaly",
+                                    metavar="P")]
 
 
 @dataclass
@@ -97,33 +145,54 @@ class AnomalyModel(nn.Module):
     """
 
     name: ClassVar[str] = ""
-    #: config keys that change how a map is read, not what is learnt: ``anomap retune``
-    #: may change them on a trained run
-    inference_options: ClassVar[tuple[str, ...]] = ("score_window", "image_score")
-    #: config keys naming pretrained weights to load; a saved run's checkpoint holds them,
-    #: so they are set to None when it is loaded
-    pretrained_options: ClassVar[tuple[str, ...]] = ("weights",)
 
-    def __init__(self, **config: Any) -> None:
+    def __init__(self, score_window: ScoreWindow = 1, image_score: ImageScoreRule = "max",
+                 **config: Any) -> None:
         super().__init__()
-        window = config.get("score_window", 1)
-        if not isinstance(window, int) or window < 1 or window % 2 == 0:
-            raise ValueError(f"score_window must be a positive odd number of pixels, "
-                             f"got {window!r}")
-        config.setdefault("image_score", "max")
-        if config["image_score"] not in IMAGE_SCORES:
-            raise ValueError(f"unknown image_score {config['image_score']!r}: one of "
-                             f"{', '.join(IMAGE_SCORES)}")
+        config.update(score_window=score_window, image_score=image_score)
+        unknown = sorted(set(config) - set(type(self).options()))
+        if unknown:
+            raise ValueError(f"{self.name} has no option {', '.join(unknown)}; its options: "
+                             f"{', '.join(type(self).options())}")
+        check_score_options(config)
         self.config: dict[str, Any] = dict(config)
 
     @classmethod
-    def default_recipe(cls) -> Recipe:
-        return Recipe()
+    @cache
+    def options(cls) -> dict[str, OptionSpec]:
+        """The method's options, read from its constructors' annotated signatures (a
+        constructor that passes ``**config`` on inherits its parent's)."""
+        found: dict[str, OptionSpec] = {}
+        for klass in cls.__mro__:
+            if "__init__" not in vars(klass) or not issubclass(klass, AnomalyModel):
+                continue
+            signature = inspect.signature(klass.__init__, eval_str=True)
+            for name, parameter in list(signature.parameters.items())[1:]:
+                spec = _spec(name, parameter)
+                if spec is not None and name not in found:
+                    found[name] = spec
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD
+                       for p in signature.parameters.values()):
+                break
+        return found
 
     @classmethod
     def default_config(cls) -> dict[str, Any]:
         """Constructor arguments the method uses when the user gives none."""
-        return {}
+        return {name: spec.default for name, spec in cls.options().items()}
+
+    @classmethod
+    def inference_options(cls) -> tuple[str, ...]:
+        """Options ``anomap retune`` may change on a trained run."""
+        return tuple(name for name, spec in cls.options().items() if spec.opt.inference)
+
+    @classmethod
+    def pretrained_options(cls) -> tuple[str, ...]:
+        return tuple(name for name, spec in cls.options().items() if spec.opt.pretrained)
+
+    @classmethod
+    def default_recipe(cls) -> Recipe:
+        return Recipe()
 
     @classmethod
     def presets(cls) -> dict[str, Preset]:
@@ -147,8 +216,19 @@ class AnomalyModel(nn.Module):
 
     @classmethod
     def describe_options(cls, config: dict[str, Any]) -> list[str]:
-        """Short phrases for reports and tables about options of this method alone
-        (the shared ones, backbone, levels, score, are described by the caller)."""
+        """Short phrases for reports and tables: the options that change this model's
+        numbers (its backbone, the method's own, how the map is scored)."""
+        parts = [str(config.get("backbone") or "")] if "backbone" in cls.options() else []
+        parts += cls.option_phrases(config)
+        if config.get("image_score", "max") == "mean":
+            parts.append("image score = map mean")
+        elif config.get("score_window", 1) != 1:
+            parts.append(f"score window {config['score_window']}")
+        return [part for part in parts if part]
+
+    @classmethod
+    def option_phrases(cls, config: dict[str, Any]) -> list[str]:
+        """The method's own phrases for :meth:`describe_options`."""
         return []
 
     def write_training_samples(self, images: torch.Tensor, path: Any, n: int = 8) -> Any:
@@ -180,13 +260,11 @@ class AnomalyModel(nn.Module):
         """(B, 3, S, S) -> (B, S, S) map, higher = more anomalous."""
         raise NotImplementedError
 
-    def image_score(self, maps: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) maps in the photo's frame -> (B,) image scores (:func:`score_maps`)."""
-        return score_maps(maps, self.config)
-
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Maps and scores read as a stretched photo with no position statistics
+        would be (:mod:`anomap.scoring` reads photos)."""
         maps = self.anomaly_map(images)
-        return maps, self.image_score(maps)
+        return maps, image_score(maps, self.config)

@@ -38,13 +38,21 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomap.methods.base import AnomalyModel, Preset, Recipe
+from anomap.methods.base import (
+    AnomalyModel,
+    AnomalyShare,
+    AnomalySourceName,
+    Opt,
+    Preset,
+    Recipe,
+    ScoreWindow,
+)
 from anomap.synth import (
     AnomalySource,
     LazyAnomalySource,
@@ -201,13 +209,14 @@ class DRAEM(AnomalyModel):
     name = "draem"
     multiple = 32  # five poolings in the discriminative network
 
-    def __init__(self, base_width: int = 128, disc_base_width: int = 64,
-                 anomaly_source: str | None = None, p_anomaly: float = 0.5,
-                 rotate_normal: bool = True, score_window: int = 21,
-                 weights: Any = None, backbone: Any = None, **config: Any) -> None:
-        # weights/backbone belong to the pretrained-backbone methods; the CLI passes
-        # them to every method, DRAEM has neither, so they are accepted and dropped.
-        del weights, backbone
+    def __init__(self, base_width: Annotated[int, Opt(
+                     "reconstructive network's width (paper 128)", metavar="C")] = 128,
+                 disc_base_width: Annotated[int, Opt(
+                     "discriminative network's width (paper 64)", metavar="C")] = 64,
+                 anomaly_source: AnomalySourceName = None, p_anomaly: AnomalyShare = 0.5,
+                 rotate_normal: Annotated[bool, Opt(
+                     "turn normal training images, as the paper's code does")] = True,
+                 score_window: ScoreWindow = 21, **config: Any) -> None:
         super().__init__(base_width=int(base_width), disc_base_width=int(disc_base_width),
                          anomaly_source=None if anomaly_source is None else str(anomaly_source),
                          p_anomaly=float(p_anomaly), rotate_normal=bool(rotate_normal),
@@ -238,12 +247,6 @@ class DRAEM(AnomalyModel):
         return {"paper": Preset(cls.default_recipe(), use="the paper's recipe, for a GPU"),
                 "cpu": Preset(cls.cpu_recipe(), CPU_CONFIG,
                               use="smaller networks, 128 px, 25 epochs: about 45 min on 2 cores")}
-
-    @classmethod
-    def default_config(cls) -> dict[str, Any]:
-        return {"base_width": 128, "disc_base_width": 64, "anomaly_source": None,
-                "p_anomaly": 0.5, "rotate_normal": True, "score_window": 21,
-                "image_score": "max"}
 
     @property
     def anomaly_source(self) -> AnomalySource:

@@ -26,14 +26,24 @@ Recipe: AdamW lr 1e-3, weight decay 1e-3, batch 32, 100 epochs, no schedule,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from anomap.backbones import create_backbone
-from anomap.methods.base import AnomalyModel, Preset, Recipe
+from anomap.methods.base import (
+    AnomalyModel,
+    AnomalySourceName,
+    BackboneName,
+    ImageScoreRule,
+    Opt,
+    Preset,
+    Recipe,
+    ScoreWindow,
+    TeacherWeights,
+)
 from anomap.synth import LazyAnomalySource, save_sample_grid, synthesize, write_sample_grid
 from anomap.synth.foreground import FOREGROUND_MODES, decide_foreground
 from anomap.synth.fractal import fractal_anomalies
@@ -138,10 +148,19 @@ class FractalAD(AnomalyModel):
 
     name = "fractalad"
 
-    def __init__(self, backbone: str = "efficientnet_lite0", weights: str | None = "imagenet",
-                 distillation: bool = True, anomalies: str = "fractal",
-                 anomaly_source: str | None = None, head_width: int = 64,
-                 score_window: int = 1, image_score: str = "mean", foreground: str = "auto",
+    def __init__(self, backbone: BackboneName = "efficientnet_lite0",
+                 weights: TeacherWeights = "imagenet",
+                 distillation: Annotated[bool, Opt("a student next to the teacher")] = True,
+                 anomalies: Annotated[str, Opt(
+                     "synthetic anomalies it trains on", choices=ANOMALIES,
+                     metavar="KIND")] = "fractal",
+                 anomaly_source: AnomalySourceName = None,
+                 head_width: Annotated[int, Opt("segmentation head's width",
+                                                metavar="C")] = 64,
+                 score_window: ScoreWindow = 1, image_score: ImageScoreRule = "mean",
+                 foreground: Annotated[str, Opt(
+                     "anomalies on the object only (auto: decided from the images, and said)",
+                     choices=FOREGROUND_MODES)] = "auto",
                  **config: Any) -> None:
         if anomalies not in ANOMALIES:
             raise ValueError(f"unknown anomalies {anomalies!r}: one of {', '.join(ANOMALIES)}")
@@ -174,12 +193,6 @@ class FractalAD(AnomalyModel):
                 "cpu": Preset(cls.default_recipe().updated(epochs=30),
                               use="the paper's recipe for 30 epochs: under an hour on 2 cores "
                                   "for 600 images")}
-
-    @classmethod
-    def default_config(cls) -> dict[str, Any]:
-        return {"backbone": "efficientnet_lite0", "weights": "imagenet", "distillation": True,
-                "anomalies": "fractal", "anomaly_source": None, "head_width": 64,
-                "score_window": 1, "image_score": "mean", "foreground": "auto"}
 
     def decide_from_data(self, images: torch.Tensor) -> dict[str, tuple[Any, str]]:
         """``foreground auto``: on for objects on a plain background, off for textures."""

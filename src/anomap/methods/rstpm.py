@@ -37,14 +37,22 @@ as in STPM.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from anomap.backbones import create_backbone
-from anomap.methods.base import Preset
+from anomap.methods.base import (
+    AnomalyShare,
+    AnomalySourceName,
+    BackboneName,
+    Opt,
+    Preset,
+    Strides,
+    TeacherWeights,
+)
 from anomap.methods.stpm import STPM, normalized_distance
 from anomap.synth import LazyAnomalySource, synthesize, write_sample_grid
 
@@ -149,16 +157,26 @@ class RSTPM(STPM):
     """STPM's pair plus a second teacher whose pyramid a decoder rebuilds."""
 
     name = "rstpm"
-    inference_options = (*STPM.inference_options, "fusion")
-    pretrained_options = ("weights", "second_weights")
 
-    def __init__(self, backbone: str = "efficientnet_lite0", weights: str | None = "imagenet",
-                 strides: tuple[int, ...] | list[int] = (4, 8, 16),
-                 second_backbone: str = "efficientnet_lite1",
-                 second_weights: str | None = "imagenet", attention: bool = True,
-                 pair2_training: str = "normal", fusion: str = "level-sum",
-                 decoder_width: int = 32, anomaly_source: str | None = None,
-                 p_anomaly: float = 0.5, **config: Any) -> None:
+    def __init__(self, backbone: BackboneName = "efficientnet_lite0",
+                 weights: TeacherWeights = "imagenet", strides: Strides = (4, 8, 16),
+                 second_backbone: Annotated[str, Opt(
+                     "pair 2's teacher", metavar="NAME")] = "efficientnet_lite1",
+                 second_weights: Annotated[str | None, Opt(
+                     "pair 2's teacher weights: imagenet or a .pth file", pretrained=True,
+                     metavar="W")] = "imagenet",
+                 attention: Annotated[bool, Opt(
+                     "gates on the reconstructing student")] = True,
+                 pair2_training: Annotated[str, Opt(
+                     "images pair 2 learns to rebuild", choices=PAIR2_TRAINING,
+                     metavar="IMAGES")] = "normal",
+                 fusion: Annotated[str, Opt(
+                     "how the two pairs' maps combine", choices=FUSIONS, inference=True,
+                     metavar="RULE")] = "level-sum",
+                 decoder_width: Annotated[int, Opt(
+                     "decoder channels at stride 4", metavar="C")] = 32,
+                 anomaly_source: AnomalySourceName = None, p_anomaly: AnomalyShare = 0.5,
+                 **config: Any) -> None:
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}: one of {', '.join(FUSIONS)}")
         if pair2_training not in PAIR2_TRAINING:
@@ -190,13 +208,6 @@ class RSTPM(STPM):
         return tuple(sorted({*strides, DECODER_INPUT_STRIDE}))
 
     @classmethod
-    def default_config(cls) -> dict[str, Any]:
-        return {**STPM.default_config(), "second_backbone": "efficientnet_lite1",
-                "second_weights": "imagenet", "attention": True, "pair2_training": "normal",
-                "fusion": "level-sum", "decoder_width": 32, "anomaly_source": None,
-                "p_anomaly": 0.5}
-
-    @classmethod
     def presets(cls) -> dict[str, Preset]:
         stpm = STPM.presets()["large-defects"]
         return {"paper": Preset(cls.default_recipe(), use="the paper's recipe (STPM's)"),
@@ -205,7 +216,7 @@ class RSTPM(STPM):
                                         use="STPM's large-defects settings for both pairs")}
 
     @classmethod
-    def describe_options(cls, config: dict[str, Any]) -> list[str]:
+    def option_phrases(cls, config: dict[str, Any]) -> list[str]:
         defaults = cls.default_config()
         parts = [f"pair 2 {config.get('second_backbone', defaults['second_backbone'])}"]
         if not config.get("attention", True):

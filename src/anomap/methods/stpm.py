@@ -29,13 +29,25 @@ the held-out normals position by position, and its mean as the image score;
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 
 from anomap.backbones import create_backbone
-from anomap.methods.base import AnomalyModel, Preset, Recipe
+from anomap.methods.base import (
+    AnomalyModel,
+    BackboneName,
+    Opt,
+    Preset,
+    Recipe,
+    ScoreWindow,
+    Strides,
+    TeacherWeights,
+)
+
+MapStrides = Annotated[list[int] | None, Opt(
+    "trained levels read into the map (default all)", inference=True, metavar="S")]
 
 
 def unit_vectors(features: torch.Tensor) -> torch.Tensor:
@@ -62,11 +74,11 @@ class STPM(AnomalyModel):
     """Teacher + student feature pyramids; the map is where they disagree."""
 
     name = "stpm"
-    inference_options = ("score_window", "image_score", "map_strides")
 
-    def __init__(self, backbone: str = "efficientnet_lite0", weights: str | None = "imagenet",
-                 strides: tuple[int, ...] | list[int] = (4, 8, 16), score_window: int = 1,
-                 map_strides: tuple[int, ...] | list[int] | None = None, **config: Any) -> None:
+    def __init__(self, backbone: BackboneName = "efficientnet_lite0",
+                 weights: TeacherWeights = "imagenet", strides: Strides = (4, 8, 16),
+                 score_window: ScoreWindow = 1, map_strides: MapStrides = None,
+                 **config: Any) -> None:
         strides = tuple(strides)
         if map_strides is not None and (not map_strides or set(map_strides) - set(strides)):
             raise ValueError(f"map_strides {list(map_strides)} must be some of the trained "
@@ -92,9 +104,11 @@ class STPM(AnomalyModel):
                       momentum=0.9, weight_decay=1e-4)
 
     @classmethod
-    def default_config(cls) -> dict[str, Any]:
-        return {"backbone": "efficientnet_lite0", "weights": "imagenet", "strides": [4, 8, 16],
-                "score_window": 1, "image_score": "max", "map_strides": None}
+    def option_phrases(cls, config: dict[str, Any]) -> list[str]:
+        parts = [f"levels {'/'.join(map(str, config.get('strides') or []))}"]
+        if config.get("map_strides"):
+            parts.append(f"map {'/'.join(map(str, config['map_strides']))}")
+        return parts
 
     @classmethod
     def presets(cls) -> dict[str, Preset]:
