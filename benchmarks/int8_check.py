@@ -50,7 +50,7 @@ def data_folder(name: str, work: Path) -> Path:
 
 
 def train_run(method: str, data: Path, run: Path, epochs: int, image_size: int | None) -> float:
-    from anomap.train import fit
+    from anomap.train import TrainingPlan, fit
 
     if (run / "model.pt").is_file() and (run / "calibration.json").is_file():
         return 0.0
@@ -58,8 +58,15 @@ def train_run(method: str, data: Path, run: Path, epochs: int, image_size: int |
     overrides: dict[str, Any] = {"epochs": epochs}
     if image_size:
         overrides["image_size"] = image_size
-    fit(method, data, run, recipe_overrides=overrides, device="auto",
-        resume=(run / "last.pt").is_file(), progress=False)
+    fit(
+        method,
+        data,
+        run,
+        TrainingPlan(recipe=overrides),
+        device="auto",
+        resume=(run / "last.pt").is_file(),
+        progress=False,
+    )
     return round(time.perf_counter() - started, 1)
 
 
@@ -107,11 +114,17 @@ def probe_here(path: Path, runtime: str) -> dict[str, Any]:
 def measure(path: Path, runtime: str) -> dict[str, Any]:
     """Test-split metrics and speed of one variant, and its probe replayed here."""
     from anomap.evaluate import evaluate_run
+    from anomap.run import LoadSettings
 
     entry: dict[str, Any] = {} if runtime == "torch" else probe_here(path, runtime)
     with tempfile.TemporaryDirectory() as out:
-        result = evaluate_run(path, out_dir=out, runtime=runtime, probe="off", panels=False,
-                              progress=False)
+        result = evaluate_run(
+            path,
+            settings=LoadSettings(runtime=runtime, probe="off"),
+            out_dir=out,
+            panels=False,
+            progress=False,
+        )
     entry.update({key: result[key] for key in (
         "image_auroc", "pixel_auroc", "aupro", "threshold", "images_per_second",
         "model_images_per_second", "precision", "runtime")})

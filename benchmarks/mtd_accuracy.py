@@ -28,10 +28,11 @@ from anomap.evaluate import evaluate_run
 from anomap.machine import describe_machine
 from anomap.methods.rstpm import FUSIONS, PAIR2_TRAINING
 from anomap.orientation import ORIENTATIONS
+from anomap.run import LoadSettings
 from anomap.runfolder import load_history
 from anomap.scoring import IMAGE_SCORES
 from anomap.standardize import NORMALIZATIONS
-from anomap.train import fit
+from anomap.train import TrainingPlan, fit
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA = ROOT.parents[1] / "shared" / "data" / "mtd"
@@ -172,19 +173,36 @@ def main() -> None:
                              map_normalization=args.map_normalization, progress=False)
         trained = {"history": load_history(run), **calibration}
     else:
-        trained = fit(args.model, args.data, run, model_config=model_config,
-                      recipe_overrides={"epochs": args.epochs, "batch_size": args.batch_size,
-                                        "image_size": args.image_size,
-                                        "selection": args.selection, "lr": args.lr,
-                                        "lr_milestones": args.lr_milestones,
-                                        "lr_gamma": args.lr_gamma,
-                                        "augment": args.augment},
-                      resize_mode=args.resize_mode, margin=args.margin, seed=args.seed,
-                      device=args.device,
-                      preset=args.preset, map_normalization=args.map_normalization,
-                      resume=(run / "last.pt").exists(), progress=False)
+        trained = fit(
+            args.model,
+            args.data,
+            run,
+            TrainingPlan(
+                model=model_config,
+                recipe={
+                    "epochs": args.epochs,
+                    "batch_size": args.batch_size,
+                    "image_size": args.image_size,
+                    "selection": args.selection,
+                    "lr": args.lr,
+                    "lr_milestones": args.lr_milestones,
+                    "lr_gamma": args.lr_gamma,
+                    "augment": args.augment,
+                },
+                resize_mode=args.resize_mode,
+                margin=args.margin,
+                seed=args.seed,
+                preset=args.preset,
+                map_normalization=args.map_normalization,
+            ),
+            device=args.device,
+            resume=(run / "last.pt").exists(),
+            progress=False,
+        )
     train_seconds = time.perf_counter() - started
-    result = evaluate_run(run, device=args.device, panels=args.panels, progress=False)
+    result = evaluate_run(
+        run, settings=LoadSettings(device=args.device), panels=args.panels, progress=False
+    )
     config = json.loads((run / "config.json").read_text())
     history = trained["history"]
     record = {

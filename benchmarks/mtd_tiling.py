@@ -36,7 +36,7 @@ from anomap.evaluate import per_defect_type_auroc
 from anomap.run import Detector
 from anomap.runfolder import load_history
 from anomap.scoring import image_score
-from anomap.train import fit
+from anomap.train import TrainingPlan, fit
 
 
 @dataclass(frozen=True)
@@ -117,10 +117,19 @@ def main() -> None:
     if not folder.is_dir():
         print("training windows:", write_training_windows(spec.train, windows, folder))
     if not (run / "calibration.json").is_file():
-        fit("stpm", folder, run, recipe_overrides={"epochs": args.epochs,
-                                                   "image_size": args.window},
-            resize_mode="stretch", seed=args.seed, device="cpu",
-            resume=(run / "last.pt").exists(), progress=False)
+        fit(
+            "stpm",
+            folder,
+            run,
+            TrainingPlan(
+                recipe={"epochs": args.epochs, "image_size": args.window},
+                resize_mode="stretch",
+                seed=args.seed,
+            ),
+            device="cpu",
+            resume=(run / "last.pt").exists(),
+            progress=False,
+        )
     history = load_history(run)
 
     detector = Detector.load(run, "cpu")

@@ -825,10 +825,16 @@ def main() -> None:
     anomap_test: dict[str, Any] | None = None
     if not args.skip_anomap_test:
         from anomap.evaluate import evaluate_run
+        from anomap.run import LoadSettings
 
         log("anomap test (its own metrics)")
-        result = evaluate_run(work / "anomap_run", out_dir=work / "anomap_test", device="cpu",
-                              panels=False, progress=False)
+        result = evaluate_run(
+            work / "anomap_run",
+            settings=LoadSettings(device="cpu"),
+            out_dir=work / "anomap_test",
+            panels=False,
+            progress=False,
+        )
         anomap_test = {k: round(float(result[k]), 4)
                        for k in ("image_auroc", "pixel_auroc", "aupro") if k in result}
 

@@ -20,6 +20,7 @@ import numpy as np
 from mtd_accuracy import analyse_runs
 
 from anomap.evaluate import evaluate_run
+from anomap.run import LoadSettings
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "model_images_per_second")
 
@@ -31,8 +32,12 @@ def compare(run_dir: Path) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
         for precision in ("fp32", "bf16"):
             out = Path(tmp) / precision
-            result = evaluate_run(run_dir, out_dir=out, device="cpu", precision=precision,
-                                  panels=False)
+            result = evaluate_run(
+                run_dir,
+                settings=LoadSettings(device="cpu", precision=precision),
+                out_dir=out,
+                panels=False,
+            )
             entry[precision] = {key: round(result[key], 4) for key in METRICS}
             with (out / "predictions.csv").open() as handle:
                 rows = list(csv.DictReader(handle))

@@ -49,11 +49,17 @@ def demo_run(work: Path, image_size: int) -> Path:
     run = work / f"run_{image_size}"
     if not (run / "calibration.json").exists():
         from anomap.demo import make_demo_dataset
-        from anomap.train import fit
+        from anomap.train import TrainingPlan, fit
 
         data = make_demo_dataset(work / "demo_data", "brick")
-        fit("stpm", data, run, recipe_overrides={"epochs": 2, "image_size": image_size},
-            device="cpu", progress=False)
+        fit(
+            "stpm",
+            data,
+            run,
+            TrainingPlan(recipe={"epochs": 2, "image_size": image_size}),
+            device="cpu",
+            progress=False,
+        )
     return run
 
 

@@ -61,7 +61,8 @@ def measure_variant(path: Path, runtime: str, precision: str, data: Path) -> dic
 
     from anomap import Detector
     from anomap.evaluate import evaluate_run
-    from anomap.inspection import RowWriter, find_images, inspect
+    from anomap.inspection import InspectionSettings, RowWriter, find_images, inspect
+    from anomap.run import LoadSettings
     from anomap.runfolder import load_model
 
     detector = Detector.load(path, "cpu", precision, runtime)
@@ -75,12 +76,17 @@ def measure_variant(path: Path, runtime: str, precision: str, data: Path) -> dic
     for batch in (1, 8):
         entry["batches"].append(measure_inference(detector, files, batch, flops))
     found = find_images(files[:256])
-    summary = inspect(detector, found, RowWriter(io.StringIO()), batch_size=8, workers=2,
-                      progress=False)
+    summary = inspect(detector, found, RowWriter(io.StringIO()),
+                      InspectionSettings(batch_size=8, workers=2, progress=False))
     entry["inspection_batch8_images_per_second"] = round(summary.scored / summary.seconds, 2)
     with tempfile.TemporaryDirectory() as out:
-        result = evaluate_run(path, out_dir=out, runtime=runtime, precision=precision,
-                              panels=False, progress=False)
+        result = evaluate_run(
+            path,
+            settings=LoadSettings(runtime=runtime, precision=precision),
+            out_dir=out,
+            panels=False,
+            progress=False,
+        )
     entry.update({key: result[key] for key in ("image_auroc", "pixel_auroc", "aupro")})
     status = Path("/proc/self/status").read_text().splitlines()
     entry["peak_rss_mib"] = round(int(next(line for line in status

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from anomap.demo import make_demo_dataset
-from anomap.train import fit
+from anomap.train import TrainingPlan, fit
 
 torch.set_num_threads(2)
 
@@ -30,9 +30,19 @@ def toy_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fit_toy(method: str, data: Path, run: Path, *, epochs: int, image_size: int,
             **options: Any) -> Path:
     """A short seeded training on the toy set (batch 8, stretched to a square)."""
-    fit(method, data, run, recipe_overrides={"epochs": epochs, "batch_size": 8,
-                                             "image_size": image_size},
-        resize_mode="stretch", device="cpu", seed=0, progress=False, **options)
+    fit(
+        method,
+        data,
+        run,
+        TrainingPlan(
+            recipe={"epochs": epochs, "batch_size": 8, "image_size": image_size},
+            resize_mode="stretch",
+            seed=0,
+            **options,
+        ),
+        device="cpu",
+        progress=False,
+    )
     return run
 
 
@@ -40,8 +50,9 @@ def assert_finds_toy_defects(run: Path, *, image: float, pixel: float, aupro: fl
                              ) -> dict[str, Any]:
     """``anomap test`` on the toy set: each metric above its bound (chance is 0.5)."""
     from anomap.evaluate import evaluate_run
+    from anomap.run import LoadSettings
 
-    result = evaluate_run(run, device="cpu", panels=False, progress=False)
+    result = evaluate_run(run, settings=LoadSettings(device="cpu"), panels=False, progress=False)
     for key, bound in (("image_auroc", image), ("pixel_auroc", pixel), ("aupro", aupro)):
         assert result[key] > bound, (key, result)
     return result

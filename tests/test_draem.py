@@ -22,9 +22,10 @@ from anomap.methods.draem import (
     focal_loss,
     ssim,
 )
+from anomap.run import LoadSettings
 from anomap.runfolder import CONFIG_FILE, WEIGHTS_FILE, load_json
 from anomap.scoring import image_score
-from anomap.train import fit
+from anomap.train import TrainingPlan, fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -179,17 +180,29 @@ def test_trains_through_the_generic_loop_and_learns_the_defects(tmp_path: Path) 
     the training textures' generator; the run reloads to the same maps."""
     data = _write_stripes_dataset(tmp_path / "stripes", torch.Generator().manual_seed(0))
     run = tmp_path / "draem"
-    result = fit("draem", data, run,
-                 model_config={"base_width": 8, "disc_base_width": 8,
-                               "anomaly_source": "procedural", "weights": None,
-                               "backbone": None},
-                 recipe_overrides={"epochs": 24, "batch_size": 8, "image_size": 32,
-                                   "lr": 1e-3},
-                 resize_mode="stretch", device="cpu", seed=0, progress=False)
+    result = fit(
+        "draem",
+        data,
+        run,
+        TrainingPlan(
+            model={
+                "base_width": 8,
+                "disc_base_width": 8,
+                "anomaly_source": "procedural",
+                "weights": None,
+                "backbone": None,
+            },
+            recipe={"epochs": 24, "batch_size": 8, "image_size": 32, "lr": 1e-3},
+            resize_mode="stretch",
+            seed=0,
+        ),
+        device="cpu",
+        progress=False,
+    )
     assert math.isfinite(result["threshold"])
     config = load_json(run / CONFIG_FILE)
     assert config["method"] == "draem" and config["model"]["anomaly_source"] == "procedural"
-    metrics = evaluate_run(run, device="cpu", panels=False, progress=False)
+    metrics = evaluate_run(run, settings=LoadSettings(device="cpu"), panels=False, progress=False)
     # measured over training seeds 0-2: image AUROC 1.0, pixel AUROC 0.9989-0.9998
     assert metrics["image_auroc"] > 0.9, metrics
     assert metrics["pixel_auroc"] > 0.95, metrics
@@ -228,10 +241,20 @@ def test_training_samples_show_masks_that_match_the_pasted_anomalies(tmp_path: P
 def test_resume_gives_bit_identical_weights(toy_data: Path, tmp_path: Path) -> None:
     """DRAEM draws its anomalies from the global RNG: resume must restore its state."""
     def train(run: Path, epochs: int, resume: bool = False) -> None:
-        fit("draem", toy_data, run, model_config={"base_width": 8, "disc_base_width": 8,
-                                                  "anomaly_source": "procedural"},
-            recipe_overrides={"epochs": epochs, "batch_size": 8, "image_size": 32},
-            resize_mode="stretch", device="cpu", seed=4, resume=resume, progress=False)
+        fit(
+            "draem",
+            toy_data,
+            run,
+            TrainingPlan(
+                model={"base_width": 8, "disc_base_width": 8, "anomaly_source": "procedural"},
+                recipe={"epochs": epochs, "batch_size": 8, "image_size": 32},
+                resize_mode="stretch",
+                seed=4,
+            ),
+            device="cpu",
+            resume=resume,
+            progress=False,
+        )
 
     train(tmp_path / "whole", 3)
     train(tmp_path / "parts", 2)

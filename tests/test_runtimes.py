@@ -39,8 +39,9 @@ def _assert_same_predictions(run: Path, export: Path, photos: list[Path],
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_exports_with_the_runs_scores_and_verdicts_in_every_runtime(
         method: str, toy_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A checkpoint, its ONNX export (in ONNX Runtime and in OpenVINO) and its OpenVINO
-    export give the same (score, verdict) through the one read path (anomap.scoring)."""
+    """A checkpoint and its export, in ONNX Runtime and in OpenVINO, give the same
+    (score, verdict) through the one read path (anomap.scoring). (OpenVINO's own IR
+    format is the same graph converted: the CLI test below exports one.)"""
     working = tmp_path / "working"
     working.mkdir()
     monkeypatch.chdir(working)
@@ -52,8 +53,6 @@ def test_every_method_exports_with_the_runs_scores_and_verdicts_in_every_runtime
     assert record["input"]["range"] == [0.0, 1.0] and record["method"] == method
     _assert_same_predictions(run, tmp_path / "export", _photos(toy_data), "onnxruntime")
     _assert_same_predictions(run, tmp_path / "export", _photos(toy_data), "openvino")
-    export_run(run, tmp_path / "ir", "openvino", progress=False)
-    _assert_same_predictions(run, tmp_path / "ir", _photos(toy_data), "openvino")
     if method in ("draem", "fractalad"):  # STPM's int8 has its own tests below
         # one epoch leaves maps of noise, which int8 moves more than its tolerance: here
         # the point is that these graphs quantise at all

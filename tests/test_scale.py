@@ -62,6 +62,7 @@ def test_without_ray_the_message_names_the_extra(trained_run: Path, toy_data: Pa
 
 def test_uris_and_a_ray_dataset_are_inputs_too(local_ray: None, trained_run: Path,
                                                toy_data: Path, tmp_path: Path) -> None:
+    from anomap.inspection import Table
     from anomap.scale import inspect_on_ray
 
     photos = sorted((toy_data / "test" / "hole").glob("*.png"))[:3]
@@ -79,6 +80,6 @@ def test_uris_and_a_ray_dataset_are_inputs_too(local_ray: None, trained_run: Pat
     assert rows[3]["verdict"] == "error" and "missing.png" in rows[3]["error"]
     dataset = ray.data.from_items([{"path": str(p)} for p in photos])
     from_dataset = tmp_path / "dataset.jsonl"
-    summary = inspect_on_ray(trained_run, dataset, from_dataset)
+    summary = inspect_on_ray(trained_run, dataset, Table(from_dataset))
     assert summary.scored == 3
     assert [r["score"] for r in _rows(from_dataset)] == pytest.approx(expected, rel=1e-5)

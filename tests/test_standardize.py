@@ -14,10 +14,10 @@ from anomap.calibrate import retune
 from anomap.data import load_set
 from anomap.evaluate import evaluate_run
 from anomap.metrics import image_auroc
-from anomap.run import Detector
-from anomap.runfolder import POSITION_STATS_FILE, RunConfig, RunError, normal_split
+from anomap.run import Detector, LoadSettings
+from anomap.runfolder import POSITION_STATS_FILE, DataSource, RunConfig, RunError, normal_split
 from anomap.standardize import PositionStats
-from anomap.train import fit
+from anomap.train import TrainingPlan, fit
 
 
 def test_leave_one_out_matches_a_hand_computation() -> None:
@@ -95,8 +95,13 @@ def test_retune_with_position_normalization(trained_run: Path, tmp_path: Path) -
     # library predictions use the same standardised scale as the threshold
     prediction = detector.predict(held_out[0].path)[0]
     assert prediction.score == pytest.approx(scores[0], rel=1e-4)
-    result = evaluate_run(out, out_dir=tmp_path / "report", device="cpu", panels=False,
-                          progress=False)
+    result = evaluate_run(
+        out,
+        settings=LoadSettings(device="cpu"),
+        out_dir=tmp_path / "report",
+        panels=False,
+        progress=False,
+    )
     assert result["image_auroc"] >= 0.9
     assert "map normalised per position" in result["settings"]
     (out / POSITION_STATS_FILE).unlink()
@@ -110,13 +115,26 @@ def test_too_few_held_out_images_or_a_changed_normalization_fail_before_training
         toy_data: Path, trained_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "few"
     with pytest.raises(ValueError, match="at least 3 held-out"):  # 5% of 40 images: 2
-        fit("stpm", toy_data, run, recipe_overrides={"epochs": 1, "image_size": 64},
-            val_fraction=0.05, map_normalization="position", device="cpu", progress=False)
+        fit(
+            "stpm",
+            DataSource(str(toy_data), val_fraction=0.05),
+            run,
+            TrainingPlan(recipe={"epochs": 1, "image_size": 64}, map_normalization="position"),
+            device="cpu",
+            progress=False,
+        )
     assert not run.exists()
     before = (trained_run / "last.pt").read_bytes()
     with pytest.raises(ValueError, match="anomap retune"):
-        fit("stpm", toy_data, trained_run, resume=True, map_normalization="position",
-            device="cpu", progress=False)
+        fit(
+            "stpm",
+            toy_data,
+            trained_run,
+            TrainingPlan(map_normalization="position"),
+            resume=True,
+            device="cpu",
+            progress=False,
+        )
     assert (trained_run / "last.pt").read_bytes() == before
 
 

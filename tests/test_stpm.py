@@ -17,9 +17,10 @@ from anomap.data import Geometry, discover, load_set, to_float
 from anomap.evaluate import evaluate_run
 from anomap.methods import build_model
 from anomap.methods.stpm import normalized_distance
-from anomap.runfolder import RunConfig, normal_split
+from anomap.run import LoadSettings
+from anomap.runfolder import DataSource, RunConfig, normal_split
 from anomap.scoring import MapReader, Thresholds, image_score
-from anomap.train import RunExistsError, cache_frozen_targets, fit
+from anomap.train import RunExistsError, TrainingPlan, cache_frozen_targets, fit
 
 
 def test_normalized_distance_hand_values() -> None:
@@ -96,7 +97,7 @@ def test_mean_image_score_adds_up_faint_evidence_over_the_whole_map() -> None:
 
 
 def test_trained_stpm_finds_the_toy_defects(trained_run: Path) -> None:
-    result = evaluate_run(trained_run, device="cpu", progress=False)
+    result = evaluate_run(trained_run, settings=LoadSettings(device="cpu"), progress=False)
     # measured over training seeds 0-2: image 0.88-0.95, pixel 0.985-0.987, AUPRO 0.967-0.969
     assert result["image_auroc"] > 0.85, result
     assert result["pixel_auroc"] > 0.95, result
@@ -112,8 +113,16 @@ def test_trained_stpm_finds_the_toy_defects(trained_run: Path) -> None:
 
 
 def test_bfloat16_inference_finds_the_same_defects(trained_run: Path, tmp_path: Path) -> None:
-    results = {p: evaluate_run(trained_run, out_dir=tmp_path / p, device="cpu", precision=p,
-                               panels=False, progress=False) for p in ("fp32", "bf16")}
+    results = {
+        p: evaluate_run(
+            trained_run,
+            settings=LoadSettings(device="cpu", precision=p),
+            out_dir=tmp_path / p,
+            panels=False,
+            progress=False,
+        )
+        for p in ("fp32", "bf16")
+    }
     for precision, result in results.items():
         assert result["precision"] == precision
         assert json.loads((tmp_path / precision / "metrics.json").read_text())[
@@ -161,10 +170,25 @@ def test_existing_run_is_never_overwritten(trained_run: Path, toy_data: Path) ->
 
 def _tiny_fit(data: Path, run: Path, epochs: int, resume: bool = False,
               selection: str | None = None, **recipe: Any) -> dict:
-    return fit("stpm", data, run, recipe_overrides={"epochs": epochs, "batch_size": 4,
-                                                    "image_size": 64, "selection": selection,
-                                                    **recipe},
-               resize_mode="letterbox", device="cpu", seed=3, resume=resume, progress=False)
+    return fit(
+        "stpm",
+        data,
+        run,
+        TrainingPlan(
+            recipe={
+                "epochs": epochs,
+                "batch_size": 4,
+                "image_size": 64,
+                "selection": selection,
+                **recipe,
+            },
+            resize_mode="letterbox",
+            seed=3,
+        ),
+        device="cpu",
+        resume=resume,
+        progress=False,
+    )
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -202,8 +226,15 @@ def test_a_finished_run_trains_on_with_a_new_lr_schedule(
     with pytest.raises(ValueError, match="trained 4 epochs already"):
         _tiny_fit(toy_data, tmp_path / "extended", epochs=3, resume=True)
     with pytest.raises(ValueError, match="geometry cannot change on --resume"):
-        fit("stpm", toy_data, tmp_path / "extended", recipe_overrides={"epochs": 5},
-            margin=4, device="cpu", resume=True, progress=False)
+        fit(
+            "stpm",
+            toy_data,
+            tmp_path / "extended",
+            TrainingPlan(recipe={"epochs": 5}, margin=4),
+            device="cpu",
+            resume=True,
+            progress=False,
+        )
     saved = json.loads((tmp_path / "extended" / "config.json").read_text())["recipe"]
     assert (saved["epochs"], saved["lr_milestones"], saved["lr"]) == (4, [0.5], 0.4)
     assert len(json.loads((tmp_path / "extended" / "config.json").read_text())
@@ -212,8 +243,14 @@ def test_a_finished_run_trains_on_with_a_new_lr_schedule(
 
 def test_large_defects_preset_sets_recipe_map_and_normalization_and_yields_to_options(
         toy_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    fit("stpm", toy_data, tmp_path / "preset", preset="large-defects",
-        recipe_overrides={"epochs": 1, "image_size": 64}, device="cpu", progress=False)
+    fit(
+        "stpm",
+        toy_data,
+        tmp_path / "preset",
+        TrainingPlan(preset="large-defects", recipe={"epochs": 1, "image_size": 64}),
+        device="cpu",
+        progress=False,
+    )
     config = json.loads((tmp_path / "preset" / "config.json").read_text())
     assert config["preset"] == "large-defects"
     assert (config["model"]["strides"], config["model"]["map_strides"],
@@ -223,28 +260,56 @@ def test_large_defects_preset_sets_recipe_map_and_normalization_and_yields_to_op
     assert config["map_normalization"] == "position"
     assert (tmp_path / "preset" / "position_stats.pt").is_file()
 
-    fit("stpm", toy_data, tmp_path / "options", preset="large-defects",
-        model_config={"image_score": "max"}, map_normalization="none",
-        recipe_overrides={"epochs": 1, "image_size": 64, "batch_size": 4}, device="cpu",
-        progress=False)
+    fit(
+        "stpm",
+        toy_data,
+        tmp_path / "options",
+        TrainingPlan(
+            preset="large-defects",
+            model={"image_score": "max"},
+            map_normalization="none",
+            recipe={"epochs": 1, "image_size": 64, "batch_size": 4},
+        ),
+        device="cpu",
+        progress=False,
+    )
     config = json.loads((tmp_path / "options" / "config.json").read_text())
     assert (config["model"]["strides"], config["model"]["image_score"],
             config["recipe"]["batch_size"], config["map_normalization"]) == (
         [8, 16, 32], "max", 4, "none")
     with pytest.raises(ValueError, match="large-defects \\(large, low-contrast"):
-        fit("stpm", toy_data, tmp_path / "unknown", preset="mtd", device="cpu",
-            progress=False)
+        fit(
+            "stpm",
+            toy_data,
+            tmp_path / "unknown",
+            TrainingPlan(preset="mtd"),
+            device="cpu",
+            progress=False,
+        )
     # an option that clashes with what the preset set says where the clash comes from
     with pytest.raises(ValueError, match="from --preset large-defects, which sets "
                                          "--map-strides 32"):
-        fit("stpm", toy_data, tmp_path / "clash", preset="large-defects",
-            model_config={"strides": [4, 8, 16]}, recipe_overrides={"epochs": 1},
-            device="cpu", progress=False)
+        fit(
+            "stpm",
+            toy_data,
+            tmp_path / "clash",
+            TrainingPlan(
+                preset="large-defects", model={"strides": [4, 8, 16]}, recipe={"epochs": 1}
+            ),
+            device="cpu",
+            progress=False,
+        )
     # model options and the preset are fixed once the run exists: named, not obeyed
     with caplog.at_level("WARNING", logger="anomap"):
-        fit("stpm", toy_data, tmp_path / "preset", resume=True, preset="paper",
-            model_config={"image_score": "max", "strides": [8, 16, 32]}, device="cpu",
-            progress=False)
+        fit(
+            "stpm",
+            toy_data,
+            tmp_path / "preset",
+            TrainingPlan(preset="paper", model={"image_score": "max", "strides": [8, 16, 32]}),
+            resume=True,
+            device="cpu",
+            progress=False,
+        )
     assert "--image-score is ignored on resume (the run keeps mean)" in caplog.text
     assert "--strides" not in caplog.text  # the same value as saved: nothing to say
     assert "--preset paper is ignored on resume" in caplog.text
@@ -450,11 +515,22 @@ def test_defective_images_without_masks_stay_out_of_the_pixel_metrics(
             (masked_only / image.name).write_bytes(image.read_bytes())
             mask = toy_data / "ground_truth" / "hole" / f"{image.stem}_mask.png"
             (masks / mask.name).write_bytes(mask.read_bytes())
-    results = {name: evaluate_run(trained_run, toy_data / "train" / "good",
-                                  out_dir=tmp_path / f"out_{name}", defect_dir=folder,
-                                  mask_dir=masks, test_normal_dir=toy_data / "test" / "good",
-                                  device="cpu", panels=False, progress=False)
-               for name, folder in (("all", all_defects), ("masked", masked_only))}
+    results = {
+        name: evaluate_run(
+            trained_run,
+            DataSource(
+                toy_data / "train" / "good",
+                defect_dir=folder,
+                mask_dir=masks,
+                test_normal_dir=toy_data / "test" / "good",
+            ),
+            settings=LoadSettings(device="cpu"),
+            out_dir=tmp_path / f"out_{name}",
+            panels=False,
+            progress=False,
+        )
+        for name, folder in (("all", all_defects), ("masked", masked_only))
+    }
     assert results["all"]["n_defective"] == 5 and results["masked"]["n_defective"] == 2
     assert results["all"]["n_pixel_images"] == results["masked"]["n_pixel_images"] == 12
     # pixel metrics: the normals and the two masked images in both cases
@@ -467,9 +543,16 @@ def test_training_with_nothing_held_out_calibrates_on_the_training_images(
     from anomap.calibrate import NO_SPLIT_SOURCE
 
     run = tmp_path / "all"
-    result = fit("stpm", toy_data, run, recipe_overrides={"epochs": 2, "batch_size": 8,
-                                                          "image_size": 64},
-                 resize_mode="stretch", device="cpu", val_fraction=0.0, progress=False)
+    result = fit(
+        "stpm",
+        DataSource(str(toy_data), val_fraction=0.0),
+        run,
+        TrainingPlan(
+            recipe={"epochs": 2, "batch_size": 8, "image_size": 64}, resize_mode="stretch"
+        ),
+        device="cpu",
+        progress=False,
+    )
     calibration = json.loads((run / "calibration.json").read_text())
     assert calibration["source"] == NO_SPLIT_SOURCE and calibration["n_images"] == 40
     assert result["best_epoch"] == 2  # no held-out score to choose by: the last epoch

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from anomap.train import CheckpointError, fit
+from anomap.train import CheckpointError, TrainingPlan, fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,12 +113,28 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(
     run = tmp_path / "run"
     with pytest.raises(CheckpointError, match=r"No space left on device.*previous last\.pt "
                                               r"\(after epoch 1\) is intact.*--resume"):
-        fit("stpm", toy_data, run, recipe_overrides={"epochs": 3, "batch_size": 8,
-                                                     "image_size": 64},
-            resize_mode="stretch", device="cpu", seed=3, progress=False)
+        fit(
+            "stpm",
+            toy_data,
+            run,
+            TrainingPlan(
+                recipe={"epochs": 3, "batch_size": 8, "image_size": 64},
+                resize_mode="stretch",
+                seed=3,
+            ),
+            device="cpu",
+            progress=False,
+        )
     assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 1
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]  # no debris
     monkeypatch.setattr(anomap.files.torch, "save", real_save)
-    fit("stpm", toy_data, run, recipe_overrides={"epochs": 3}, device="cpu", resume=True,
-        progress=False)
+    fit(
+        "stpm",
+        toy_data,
+        run,
+        TrainingPlan(recipe={"epochs": 3}),
+        device="cpu",
+        resume=True,
+        progress=False,
+    )
     assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 3

@@ -358,7 +358,9 @@ def _print_metrics(result: dict[str, Any]) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from anomap.evaluate import evaluate_run
-    from anomap.train import fit
+    from anomap.run import LoadSettings
+    from anomap.runfolder import DataSource
+    from anomap.train import TrainingPlan, fit
 
     if args.data is None and not args.resume:
         raise ValueError("--data is required (unless --resume)")
@@ -367,14 +369,14 @@ def cmd_train(args: argparse.Namespace) -> int:
               "lr_milestones": args.lr_milestones, "lr_gamma": args.lr_gamma,
               "augment": args.augment}
     try:
-        result = fit(args.model, args.data, args.out,
-                     model_config=_method_values(args),
-                     recipe_overrides=recipe, resize_mode=args.resize_mode, margin=args.margin,
-                     defect_dir=args.defect_dir, mask_dir=args.mask_dir,
-                     test_normal_dir=args.test_normal_dir, val_fraction=args.val_fraction,
-                     seed=args.seed, device=args.device, resume=args.resume,
-                     threshold_quantile=args.threshold_quantile,
-                     map_normalization=args.map_normalization, preset=args.preset,
+        source = None if args.data is None else DataSource(
+            str(args.data), val_fraction=args.val_fraction, defect_dir=args.defect_dir,
+            mask_dir=args.mask_dir, test_normal_dir=args.test_normal_dir)
+        plan = TrainingPlan(preset=args.preset, model=_method_values(args), recipe=recipe,
+                            resize_mode=args.resize_mode, margin=args.margin, seed=args.seed,
+                            threshold_quantile=args.threshold_quantile,
+                            map_normalization=args.map_normalization)
+        result = fit(args.model, source, args.out, plan, device=args.device, resume=args.resume,
                      progress=not args.no_progress)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished epochs are saved. Continue with\n"
@@ -389,7 +391,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"trained: {args.out}  best epoch {result['best_epoch']}  "
           f"threshold {result['threshold']:.6g}  skipped files {result['n_skipped']}")
     if args.test:
-        _print_metrics(evaluate_run(args.out, device=args.device,
+        _print_metrics(evaluate_run(args.out, settings=LoadSettings(device=args.device),
                                     progress=not args.no_progress))
         print(f"report: {args.out / 'report.html'}")
     return 0
@@ -397,13 +399,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_test(args: argparse.Namespace) -> int:
     from anomap.evaluate import evaluate_run
+    from anomap.run import LoadSettings
+    from anomap.runfolder import DataSource
 
-    result = evaluate_run(args.run, args.data, out_dir=args.out, defect_dir=args.defect_dir,
-                          mask_dir=args.mask_dir, test_normal_dir=args.test_normal_dir,
-                          device=args.device, precision=args.precision,
-                          runtime=args.runtime, probe=args.probe,
-                          batch_size=args.batch_size,
-                          panels=not args.no_panels, progress=not args.no_progress)
+    folders = (args.defect_dir, args.mask_dir, args.test_normal_dir)
+    source = None if args.data is None and not any(folders) else DataSource(
+        str(args.data or ""), defect_dir=args.defect_dir, mask_dir=args.mask_dir,
+        test_normal_dir=args.test_normal_dir)
+    settings = LoadSettings(args.device, args.precision, args.runtime, args.probe)
+    result = evaluate_run(args.run, source, out_dir=args.out, settings=settings,
+                          batch_size=args.batch_size, panels=not args.no_panels,
+                          progress=not args.no_progress)
     _print_metrics(result)
     out = args.out or args.run
     print(f"metrics: {out / 'metrics.json'}  report: {out / 'report.html'}")
@@ -413,6 +419,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 def cmd_retune(args: argparse.Namespace) -> int:
     from anomap.calibrate import retune
     from anomap.evaluate import evaluate_run
+    from anomap.run import LoadSettings
 
     calibration = retune(args.run, args.out, _method_values(args, inference_only=True),
                          threshold_quantile=args.threshold_quantile,
@@ -421,24 +428,25 @@ def cmd_retune(args: argparse.Namespace) -> int:
     print(f"retuned: {args.out}  threshold {calibration['threshold']:.6g} (quantile "
           f"{calibration['quantile']} of {calibration['n_images']} {calibration['source']})")
     if args.test:
-        _print_metrics(evaluate_run(args.out, device=args.device, batch_size=args.batch_size,
-                                    progress=not args.no_progress))
+        _print_metrics(evaluate_run(args.out, settings=LoadSettings(device=args.device),
+                                    batch_size=args.batch_size, progress=not args.no_progress))
         print(f"report: {args.out / 'report.html'}")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from anomap.inspection import inspect_folder
+    from anomap.inspection import InspectionSettings, Table, inspect_folder
     from anomap.run import Detector
 
+    table = Table(args.output, args.format, args.resume, args.overwrite, sys.stdout)
+    settings = InspectionSettings(args.batch_size, args.workers, args.out,
+                                  args.fast_decode,
+                                  progress=not args.quiet and sys.stderr.isatty())
     if args.engine == "ray":
         from anomap.scale import inspect_on_ray
 
-        summary = inspect_on_ray(args.run, args.inputs, args.output, fmt=args.format,
-                                 resume=args.resume, overwrite=args.overwrite, pictures=args.out,
-                                 batch_size=args.batch_size, actors=args.workers,
-                                 runtime=args.runtime, address=args.address, stream=sys.stdout,
-                                 probe=args.probe)
+        summary = inspect_on_ray(args.run, args.inputs, table, settings, runtime=args.runtime,
+                                 address=args.address, probe=args.probe)
         print(f"anomap: {summary.describe()}", file=sys.stderr)
         return 1 if summary.failed and not (summary.scored or summary.already_done) else 0
     if args.format == "parquet":
@@ -446,15 +454,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     detector = Detector.load(args.run, args.device, args.precision, args.runtime, args.probe)
     _say_runtime(detector)
     try:
-        summary = inspect_folder(detector, [Path(i) for i in args.inputs], args.output,
-                                 fmt=args.format,
-                                 resume=args.resume, overwrite=args.overwrite,
-                                 pictures=args.out, batch_size=args.batch_size,
-                                 workers=args.workers, stream=sys.stdout,
-                                 progress=not args.quiet and sys.stderr.isatty(),
+        summary = inspect_folder(detector, [Path(i) for i in args.inputs], table, settings,
                                  on_error=lambda error: print(f"anomap: skipped {error}",
-                                                              file=sys.stderr),
-                                 fast_decode=args.fast_decode)
+                                                              file=sys.stderr))
     except KeyboardInterrupt:
         if args.output:
             print(f"\ninterrupted: the rows scored so far are in {args.output}. Continue "
@@ -560,16 +562,26 @@ def cmd_samples(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from anomap.demo import make_demo_dataset
     from anomap.evaluate import evaluate_run
-    from anomap.train import fit
+    from anomap.run import LoadSettings
+    from anomap.train import TrainingPlan, fit
 
     data = make_demo_dataset(args.out / "data", args.texture)
     run = args.out / "run"
     print(f"demo data: {data}  (train/good, test/<defect>, ground_truth/)")
-    fit(args.model, data, run, recipe_overrides={"epochs": args.epochs, "batch_size": 16,
-                                                 "image_size": args.image_size},
-        resize_mode="stretch", device=args.device, resume=(run / "last.pt").exists(),
-        progress=not args.no_progress)
-    result = evaluate_run(run, device=args.device, progress=not args.no_progress)
+    fit(
+        args.model,
+        data,
+        run,
+        TrainingPlan(
+            recipe={"epochs": args.epochs, "batch_size": 16, "image_size": args.image_size},
+            resize_mode="stretch",
+        ),
+        device=args.device,
+        resume=(run / "last.pt").exists(),
+        progress=not args.no_progress,
+    )
+    result = evaluate_run(run, settings=LoadSettings(device=args.device),
+                          progress=not args.no_progress)
     _print_metrics(result)
     print(f"report: {run / 'report.html'}  heat maps: {run / 'panels'}")
     return 0

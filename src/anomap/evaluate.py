@@ -19,8 +19,8 @@ from anomap.data import Box, Sample, describe_geometry, discover, load_set
 from anomap.files import save_json, save_text
 from anomap.machine import describe_machine
 from anomap.methods import METHODS
-from anomap.run import Detector
-from anomap.runfolder import RunConfig
+from anomap.run import Detector, LoadSettings
+from anomap.runfolder import DataSource, RunConfig
 from anomap.scoring import pixel_mask, verdict
 
 
@@ -30,25 +30,26 @@ def _crop(images: torch.Tensor, index: int, box: Box) -> np.ndarray:
     return image.permute(1, 2, 0).numpy()
 
 
-def evaluate_run(run_dir: str | Path, data: str | Path | None = None, *,
-                 out_dir: str | Path | None = None, defect_dir: str | Path | None = None,
-                 mask_dir: str | Path | None = None, test_normal_dir: str | Path | None = None,
-                 device: str = "auto", precision: str = "fp32", batch_size: int = 8,
-                 panels: bool = True, progress: bool = True, runtime: str = "auto",
-                 probe: str = "refuse") -> dict[str, Any]:
+def evaluate_run(run_dir: str | Path, data: str | Path | DataSource | None = None, *,
+                 out_dir: str | Path | None = None, settings: LoadSettings | None = None,
+                 batch_size: int = 8, panels: bool = True, progress: bool = True
+                 ) -> dict[str, Any]:
     """``anomap test``: score the test split, write metrics.json, predictions.csv,
-    panels/ and report.html into ``out_dir`` (default: the run folder). ``run_dir``
-    may be an export folder (``anomap export``), scored by ``runtime`` once it passed
-    its probe on this machine (``probe``: see :meth:`Detector.load`)."""
+    panels/ and report.html into ``out_dir`` (default: the run folder). ``data``: the
+    run's own test images by default, another folder, or a :class:`DataSource` naming
+    plain test folders (its root empty: the run's folder). ``run_dir`` may be an export
+    folder (``anomap export``), scored by ``settings.runtime`` once it passed its probe
+    on this machine."""
     run_dir = Path(run_dir)
-    detector = Detector.load(run_dir, device, precision, runtime, probe)
+    settings = settings or LoadSettings()
+    detector = Detector.load(run_dir, settings.device, settings.precision, settings.runtime,
+                             settings.probe)
     config = detector.config
     assert config is not None
-    source = config.data
-    spec = discover(data or source.root,
-                    defect_dir=defect_dir or (None if data else source.defect_dir),
-                    mask_dir=mask_dir or (None if data else source.mask_dir),
-                    test_normal_dir=test_normal_dir or (None if data else source.test_normal_dir))
+    source = (config.data if data is None else data if isinstance(data, DataSource)
+              else DataSource(str(data)))
+    spec = discover(source.root or config.data.root, defect_dir=source.defect_dir,
+                    mask_dir=source.mask_dir, test_normal_dir=source.test_normal_dir)
     if not spec.test:
         raise ValueError(f"{spec.root}: no test images found (MVTec layout: test/<type>/; "
                          "plain folders: --defect-dir and --test-normal-dir)")

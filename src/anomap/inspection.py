@@ -283,28 +283,51 @@ def result_row(item: Decoded, prediction: Prediction | None, pictures: Path | No
     return row
 
 
+@dataclass(frozen=True)
+class Table:
+    """Where rows go: a file (JSON lines or CSV; Parquet on Ray), continued with
+    ``resume`` or replaced with ``overwrite``, or a ``stream`` when there is no file."""
+
+    output: Path | None = None
+    fmt: str = "jsonl"
+    resume: bool = False
+    overwrite: bool = False
+    stream: IO[str] | None = None
+
+
+@dataclass(frozen=True)
+class InspectionSettings:
+    """How to work through the images: ``batch_size`` per forward pass, ``workers``
+    decoding beside the network (Ray: actors), ``pictures`` folder for overlay and
+    mask PNGs, ``fast_decode`` (JPEGs decoded at reduced size where the network is
+    smaller than the photo; not with pictures), a progress bar."""
+
+    batch_size: int = 8
+    workers: int = 2
+    pictures: Path | None = None
+    fast_decode: bool = False
+    progress: bool = True
+
+
 def _log_error(error: ImageReadError) -> None:
     log.warning("skipped %s", error)
 
 
-def inspect(detector: Detector, found: Discovery, writer: RowWriter, *,
-            pictures: Path | None = None, batch_size: int = 8, workers: int = 2,
-            skip: set[str] | frozenset[str] = frozenset(), progress: bool = True,
-            on_error: Callable[[ImageReadError], None] | None = None,
-            fast_decode: bool = False) -> Summary:
+def inspect(detector: Detector, found: Discovery, writer: RowWriter,
+            settings: InspectionSettings | None = None, *,
+            skip: set[str] | frozenset[str] = frozenset(),
+            on_error: Callable[[ImageReadError], None] | None = None) -> Summary:
     """Score every image of ``found`` and write one row per image as it is done.
 
-    ``skip``: paths already in the table (resume). ``pictures``: folder for
-    overlay and mask PNGs, mirroring the inputs' paths. ``on_error`` hears of
-    each unreadable file as it happens (default: a logged warning).
-    ``fast_decode``: JPEGs decoded at reduced size where the network is smaller
-    than the photo (maps then come back at that size; not with ``pictures``).
-    Returns the counts."""
+    ``skip``: paths already in the table (resume). ``on_error`` hears of each
+    unreadable file as it happens (default: a logged warning). Returns the counts."""
+    settings = settings or InspectionSettings()
+    pictures, batch_size = settings.pictures, settings.batch_size
     started = time.perf_counter()
     summary = Summary.of(found)
     todo = [f for f in found.images if str(f.path) not in skip]
     summary.already_done = len(found.images) - len(todo)
-    bar = tqdm(total=len(todo), unit="img", desc="inspecting", disable=not progress,
+    bar = tqdm(total=len(todo), unit="img", desc="inspecting", disable=not settings.progress,
                dynamic_ncols=True)
     chunk: list[Decoded] = []
 
@@ -327,8 +350,9 @@ def inspect(detector: Detector, found: Discovery, writer: RowWriter, *,
         chunk.clear()
 
     try:
-        for item in _decoded_in_order(detector, todo, pictures is not None, workers,
-                                      window=batch_size * 2 + workers, fast_decode=fast_decode):
+        for item in _decoded_in_order(detector, todo, pictures is not None, settings.workers,
+                                      window=batch_size * 2 + settings.workers,
+                                      fast_decode=settings.fast_decode):
             chunk.append(item)
             if (sum(i.error is None for i in chunk) >= batch_size
                     or len(chunk) >= 4 * batch_size):  # a run of bad files: write them too
@@ -340,32 +364,26 @@ def inspect(detector: Detector, found: Discovery, writer: RowWriter, *,
     return summary
 
 
-def inspect_folder(detector: Detector, inputs: Sequence[str | Path], output: Path | None = None,
-                   *, fmt: str = "jsonl", resume: bool = False, overwrite: bool = False,
-                   pictures: Path | None = None, batch_size: int = 8, workers: int = 2,
-                   progress: bool = True, stream: IO[str] | None = None,
-                   on_error: Callable[[ImageReadError], None] | None = None,
-                   fast_decode: bool = False) -> Summary:
-    """Files and folders -> a table at ``output`` (or ``stream``) and its summary,
+def inspect_folder(detector: Detector, inputs: Sequence[str | Path], table: Table | None = None,
+                   settings: InspectionSettings | None = None,
+                   on_error: Callable[[ImageReadError], None] | None = None) -> Summary:
+    """Files and folders -> a table at ``table.output`` (or its stream) and its summary,
     written next to the table as ``<output>.summary.json``."""
+    table = table or Table()
     found = find_images(inputs)
     if not found.images:
         raise FileNotFoundError(f"no images found in {', '.join(map(str, inputs))}"
                                 + (f" ({len(found.ignored)} files ignored: "
                                    f"{found.ignored[0][1]}, ...)" if found.ignored else ""))
-    if output is None:
-        if resume:
+    if table.output is None:
+        if table.resume:
             raise ValueError("--resume needs --output FILE: the table to continue")
-        writer = RowWriter(stream or io.StringIO(), fmt)
-        return inspect(detector, found, writer, pictures=pictures, batch_size=batch_size,
-                       workers=workers, progress=progress, on_error=on_error,
-                       fast_decode=fast_decode)
-    handle, writer, done = open_table(output, fmt, resume, overwrite)
+        writer = RowWriter(table.stream or io.StringIO(), table.fmt)
+        return inspect(detector, found, writer, settings, on_error=on_error)
+    handle, writer, done = open_table(table.output, table.fmt, table.resume, table.overwrite)
     try:
-        summary = inspect(detector, found, writer, pictures=pictures, batch_size=batch_size,
-                          workers=workers, skip=done, progress=progress,
-                          on_error=on_error, fast_decode=fast_decode)
+        summary = inspect(detector, found, writer, settings, skip=done, on_error=on_error)
     finally:
         handle.close()
-    save_json(summary.to_json(), output.with_name(output.name + ".summary.json"))
+    save_json(summary.to_json(), table.output.with_name(table.output.name + ".summary.json"))
     return summary

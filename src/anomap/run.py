@@ -54,6 +54,18 @@ ImageLike = Image.Image | np.ndarray | str | Path
 
 
 @dataclass(frozen=True)
+class LoadSettings:
+    """Where and how a run (or its export) runs here, shared by ``test``, ``predict``,
+    the service and Ray: the torch ``device`` and ``precision`` of a run, the
+    ``runtime`` of an export and what its ``probe`` does (see :meth:`Detector.load`)."""
+
+    device: str = "auto"
+    precision: str = "fp32"
+    runtime: str = "auto"
+    probe: str = "refuse"
+
+
+@dataclass(frozen=True)
 class PreparedImage:
     """A photo made into the network's input, with what maps its map back."""
 

@@ -18,7 +18,7 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,8 +30,10 @@ from anomap.inspection import (
     Decoded,
     Discovery,
     FoundImage,
+    InspectionSettings,
     RowWriter,
     Summary,
+    Table,
     decode,
     find_images,
     open_table,
@@ -106,14 +108,15 @@ def _records(inputs: Any) -> tuple[Any, Discovery]:
     return records, found
 
 
-def inspect_on_ray(run: str | Path, inputs: Sequence[str | Path], output: Path | None = None,
-                   *, fmt: str = "jsonl", resume: bool = False, overwrite: bool = False,
-                   pictures: Path | None = None, batch_size: int = 8, actors: int = 2,
-                   runtime: str = "auto", address: str | None = None,
-                   stream: IO[str] | None = None, probe: str = "refuse") -> Summary:
-    """Score ``inputs`` on a Ray actor pool: files and folders (as plain predict),
-    URIs that pyarrow's file systems read (``s3://``, ``gs://``, ``file://``), or a
-    Ray Dataset with a ``path`` column."""
+def inspect_on_ray(run: str | Path, inputs: Sequence[str | Path], table: Table | None = None,
+                   settings: InspectionSettings | None = None, *, runtime: str = "auto",
+                   address: str | None = None, probe: str = "refuse") -> Summary:
+    """Score ``inputs`` on a Ray actor pool (``settings.workers`` actors): files and
+    folders (as plain predict), URIs that pyarrow's file systems read (``s3://``,
+    ``gs://``, ``file://``), or a Ray Dataset with a ``path`` column."""
+    table, settings = table or Table(), settings or InspectionSettings()
+    output, fmt, resume, stream = table.output, table.fmt, table.resume, table.stream
+    pictures, batch_size, actors = settings.pictures, settings.batch_size, settings.workers
     ray = require("ray")
     records, found = _records(inputs)
     if isinstance(records, list) and not records:
@@ -122,7 +125,7 @@ def inspect_on_ray(run: str | Path, inputs: Sequence[str | Path], output: Path |
     summary = Summary.of(found)
     parquet = fmt == "parquet"
     if output is not None and not parquet:
-        handle, writer, done = open_table(output, fmt, resume, overwrite)
+        handle, writer, done = open_table(output, fmt, resume, table.overwrite)
     else:
         if resume:
             raise ValueError("--resume needs --output FILE in jsonl or csv")

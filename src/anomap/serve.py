@@ -28,7 +28,7 @@ import secrets
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -237,12 +237,10 @@ def _png(array: np.ndarray) -> bytes:
 # --------------------------------------------------------------------------- the app
 
 
-def create_app(models: dict[str, Detector | str | Path], settings: ServeSettings | None = None,
-               runtime: str = "auto", device: str = "auto", probe: str = "refuse") -> Any:
-    """The ASGI app serving ``models`` (name -> Detector, run or export folder);
-    exports replay their probe first (``probe``: see :meth:`Detector.load`)."""
-
-    settings = settings or ServeSettings()
+def load_models(models: dict[str, Detector | str | Path], runtime: str = "auto",
+                device: str = "auto", probe: str = "refuse") -> dict[str, ServedModel]:
+    """name -> Detector, run or export folder: each loaded once (exports replay their
+    probe first; ``probe``: see :meth:`Detector.load`), with its test metrics if any."""
     served: dict[str, ServedModel] = {}
     for name, source in models.items():
         detector = source if isinstance(source, Detector) else Detector.load(
@@ -252,30 +250,97 @@ def create_app(models: dict[str, Detector | str | Path], settings: ServeSettings
         metrics = (json.loads(metrics_file.read_text())
                    if metrics_file and metrics_file.is_file() else None)
         served[name] = ServedModel(name, detector, folder, metrics=metrics)
-    pictures = PictureStore(settings.picture_url_seconds)
-    registry = CollectorRegistry()
-    requests_total = Counter("anomap_requests", "HTTP requests", ["endpoint", "status"],
-                             registry=registry)
-    latency = Histogram("anomap_request_seconds", "request latency", ["endpoint"],
-                        registry=registry)
-    images_total = Counter("anomap_images", "images answered", ["model", "outcome"],
-                           registry=registry)
-    decode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="anomap-decode")
+    return served
 
-    async def lifespan(app: Any):  # noqa: ANN202 - FastAPI's lifespan protocol
-        for model in served.values():
-            model.batcher = Batcher(model.detector, settings.max_batch,
-                                    settings.batch_window_ms, settings.queue_size)
-            model.batcher.start()
-        yield
-        for model in served.values():
-            if model.batcher is not None:
-                await model.batcher.stop()
-        decode_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="anomap", version=__version__, lifespan=lifespan,
-                  description="Anomaly scores, verdicts and heat maps from trained anomap "
-                              "models. API v1.")
+@dataclass
+class Meters:
+    """The service's Prometheus metrics, in a registry of its own."""
+
+    registry: Any = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        self.requests = Counter("anomap_requests", "HTTP requests", ["endpoint", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("anomap_request_seconds", "request latency", ["endpoint"],
+                                 registry=self.registry)
+        self.images = Counter("anomap_images", "images answered", ["model", "outcome"],
+                              registry=self.registry)
+
+
+@dataclass
+class Limits:
+    """What a request may be: its key, its size, its images; refused with a clear
+    error (:class:`ServiceError`) before any work is spent on it."""
+
+    settings: ServeSettings
+
+    def check_headers(self, request: Request) -> None:
+        settings, path = self.settings, request.url.path
+        if settings.api_key and (path.startswith("/v1/") or path == "/metrics"):
+            given = request.headers.get("x-api-key") or request.headers.get(
+                "authorization", "").removeprefix("Bearer ").strip()
+            if not secrets.compare_digest(given or "", settings.api_key):
+                raise ServiceError(401, "unauthorized", "missing or wrong API key "
+                                   "(send it as X-API-Key or Authorization: Bearer)")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
+            raise ServiceError(413, "request_too_large",
+                               f"request of {int(length):,} bytes; the limit is "
+                               f"{settings.max_request_bytes:,} (--max-request-bytes)")
+
+    async def read_body(self, request: Request) -> bytes:
+        """The whole body, refused as soon as it passes the limit (chunked uploads too)."""
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.settings.max_request_bytes:
+                raise ServiceError(413, "request_too_large", f"request over the limit of "
+                                   f"{self.settings.max_request_bytes:,} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def uploads(self, request: Request) -> list[tuple[str, bytes]]:
+        """(filename, bytes) of each image: multipart files, or one image as the body."""
+        settings = self.settings
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            body = await self.read_body(request)
+
+            async def replay() -> dict[str, Any]:
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            form = await Request(request.scope, replay).form(
+                max_files=settings.max_images + 1, max_fields=settings.max_images + 16)
+            files = [(getattr(v, "filename", None) or f"image{i}", await v.read())
+                     for i, (_, v) in enumerate(form.multi_items()) if hasattr(v, "read")]
+        else:
+            files = [(request.headers.get("x-filename", "image"), await self.read_body(request))]
+        if not files or all(not data for _, data in files):
+            raise ServiceError(400, "no_image", "send images as multipart files (field "
+                               "'files') or one image as the raw body")
+        if len(files) > settings.max_images:
+            raise ServiceError(413, "too_many_images", f"{len(files)} images; the limit is "
+                               f"{settings.max_images} per request (--max-images)")
+        return files
+
+    def decode(self, detector: Detector, filename: str, data: bytes
+               ) -> tuple[PreparedImage, np.ndarray] | dict[str, str]:
+        """One upload -> the network's input and the photo, or the error to answer."""
+        if len(data) > self.settings.max_image_bytes:
+            return {"code": "image_too_large", "message": f"{filename}: {len(data):,} bytes; "
+                    f"the limit is {self.settings.max_image_bytes:,} per image "
+                    "(--max-image-bytes)"}
+        try:
+            photo = load_image(io.BytesIO(data), self.settings.max_pixels, name=filename)
+        except ImageReadError as error:
+            code = {"over pixel limit": "too_many_pixels"}.get(error.reason, "not_an_image")
+            return {"code": code, "message": str(error)}
+        return detector.prepare(photo), np.asarray(photo)
+
+
+def _add_error_handlers(app: Any) -> None:
+    """Every error answers as ``{"error": {"code", "message"}}``."""
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, error: ServiceError) -> JSONResponse:
@@ -297,88 +362,85 @@ def create_app(models: dict[str, Detector | str | Path], settings: ServeSettings
         return JSONResponse(error_body("internal_error", f"{type(error).__name__}: {error}"),
                             status_code=500)
 
+
+def _add_guard(app: Any, limits: Limits, meters: Meters) -> None:
+    """The API key, the request-size limit and the metrics, for every call."""
+
     @app.middleware("http")
     async def _guard(request: Request, call_next: Any) -> Response:
-        """The API key, the request-size limit and the metrics, for every call."""
         path = request.url.path
         endpoint = ("predict" if path.endswith("/predict") else path.split("/")[2]
                     if path.startswith("/v1/") and len(path.split("/")) > 2 else path)
         started = time.perf_counter()
         try:
-            if settings.api_key and (path.startswith("/v1/") or path == "/metrics"):
-                given = request.headers.get("x-api-key") or request.headers.get(
-                    "authorization", "").removeprefix("Bearer ").strip()
-                if not secrets.compare_digest(given or "", settings.api_key):
-                    raise ServiceError(401, "unauthorized", "missing or wrong API key "
-                                       "(send it as X-API-Key or Authorization: Bearer)")
-            length = request.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > \
-                    settings.max_request_bytes:
-                raise ServiceError(413, "request_too_large",
-                                   f"request of {int(length):,} bytes; the limit is "
-                                   f"{settings.max_request_bytes:,} (--max-request-bytes)")
+            limits.check_headers(request)
             response = await call_next(request)
         except ServiceError as error:
             response = JSONResponse(error_body(error.code, error.message),
                                     status_code=error.status)
-        requests_total.labels(endpoint, str(response.status_code)).inc()
-        latency.labels(endpoint).observe(time.perf_counter() - started)
+        meters.requests.labels(endpoint, str(response.status_code)).inc()
+        meters.latency.labels(endpoint).observe(time.perf_counter() - started)
         return response
 
+
+@dataclass
+class _Answering:
+    """What one predict request asked for, and how to answer each of its images."""
+
+    model: ServedModel
+    meters: Meters
+    pictures: PictureStore
+    overlay: bool
+    mask: bool
+    as_url: bool
+
+    def picture(self, png: bytes) -> str:
+        return (f"/v1/pictures/{self.pictures.put(png)}" if self.as_url
+                else base64.b64encode(png).decode("ascii"))
+
+    async def answer(self, index: int, filename: str, item: Any) -> dict[str, Any]:
+        name = self.model.name
+        result: dict[str, Any] = {"index": index, "filename": filename}
+        if isinstance(item, dict):
+            self.meters.images.labels(name, "error").inc()
+            return {**result, "ok": False, "error": item}
+        prepared, photo = item
+        try:
+            assert self.model.batcher is not None
+            prediction = await self.model.batcher.score(prepared)
+        except ServiceError as error:
+            self.meters.images.labels(name, "error").inc()
+            return {**result, "ok": False, "error": {"code": error.code,
+                                                     "message": error.message}}
+        self.meters.images.labels(name, prediction.verdict).inc()
+        result.update(ok=True, score=prediction.score, verdict=prediction.verdict,
+                      threshold=prediction.threshold,
+                      pixel_threshold=prediction.pixel_threshold)
+        vmin, vmax = self.model.detector.display_range
+        if self.overlay:
+            drawn = await run_in_threadpool(report.overlay, photo, prediction.anomaly_map,
+                                            vmin, vmax, pred_mask=prediction.mask)
+            result["overlay_png"] = self.picture(await run_in_threadpool(_png, drawn))
+        if self.mask:
+            result["mask_png"] = self.picture(_png(prediction.mask.astype(np.uint8) * 255))
+        return result
+
+
+def _answer_status(results: list[dict[str, Any]]) -> int:
+    """The HTTP status when no image of a request could be answered."""
+    code = results[0]["error"]["code"]
+    if code in ("too_many_pixels", "image_too_large"):
+        return 413
+    return 503 if code == "busy" else 500 if code == "model_error" else 422
+
+
+def _add_routes(app: Any, served: dict[str, ServedModel], limits: Limits, meters: Meters,
+                pictures: PictureStore, decode_pool: ThreadPoolExecutor) -> None:
     def model_named(name: str) -> ServedModel:
         if name not in served:
             raise ServiceError(404, "unknown_model", f"no model {name!r}; served: "
                                f"{', '.join(sorted(served))}")
         return served[name]
-
-    async def read_body(request: Request) -> bytes:
-        """The whole body, refused as soon as it passes the limit (chunked uploads too)."""
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > settings.max_request_bytes:
-                raise ServiceError(413, "request_too_large", f"request over the limit of "
-                                   f"{settings.max_request_bytes:,} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    async def uploads(request: Request) -> list[tuple[str, bytes]]:
-        content_type = request.headers.get("content-type", "")
-        if content_type.startswith("multipart/form-data"):
-            body = await read_body(request)
-
-            async def replay() -> dict[str, Any]:
-                return {"type": "http.request", "body": body, "more_body": False}
-
-            form = await Request(request.scope, replay).form(
-                max_files=settings.max_images + 1, max_fields=settings.max_images + 16)
-            files = [(getattr(v, "filename", None) or f"image{i}", await v.read())
-                     for i, (_, v) in enumerate(form.multi_items()) if hasattr(v, "read")]
-        else:
-            files = [(request.headers.get("x-filename", "image"), await read_body(request))]
-        if not files or all(not data for _, data in files):
-            raise ServiceError(400, "no_image", "send images as multipart files (field "
-                               "'files') or one image as the raw body")
-        if len(files) > settings.max_images:
-            raise ServiceError(413, "too_many_images", f"{len(files)} images; the limit is "
-                               f"{settings.max_images} per request (--max-images)")
-        return files
-
-    def decode(detector: Detector, filename: str, data: bytes
-               ) -> tuple[PreparedImage, np.ndarray] | dict[str, str]:
-        if len(data) > settings.max_image_bytes:
-            return {"code": "image_too_large", "message": f"{filename}: {len(data):,} bytes; "
-                    f"the limit is {settings.max_image_bytes:,} per image (--max-image-bytes)"}
-        try:
-            photo = load_image(io.BytesIO(data), settings.max_pixels, name=filename)
-        except ImageReadError as error:
-            code = {"over pixel limit": "too_many_pixels"}.get(error.reason, "not_an_image")
-            return {"code": code, "message": str(error)}
-        return detector.prepare(photo), np.asarray(photo)
-
-    def picture(png: bytes, as_url: bool) -> str:
-        return (f"/v1/pictures/{pictures.put(png)}" if as_url
-                else base64.b64encode(png).decode("ascii"))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -392,7 +454,7 @@ def create_app(models: dict[str, Detector | str | Path], settings: ServeSettings
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(meters.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -425,54 +487,55 @@ def create_app(models: dict[str, Detector | str | Path], settings: ServeSettings
         model = model_named(name)
         if images not in ("base64", "url"):
             raise ServiceError(422, "invalid_request", "images must be base64 or url")
-        files = await uploads(request)
+        files = await limits.uploads(request)
         loop = asyncio.get_running_loop()
         decoded = await asyncio.gather(*(loop.run_in_executor(
-            decode_pool, decode, model.detector, filename, data) for filename, data in files))
-
-        async def answer(index: int, filename: str, item: Any) -> dict[str, Any]:
-            result: dict[str, Any] = {"index": index, "filename": filename}
-            if isinstance(item, dict):
-                images_total.labels(name, "error").inc()
-                return {**result, "ok": False, "error": item}
-            prepared, photo = item
-            try:
-                prediction = await model.batcher.score(prepared)
-            except ServiceError as error:
-                images_total.labels(name, "error").inc()
-                return {**result, "ok": False,
-                        "error": {"code": error.code, "message": error.message}}
-            images_total.labels(name, prediction.verdict).inc()
-            result.update(ok=True, score=prediction.score, verdict=prediction.verdict,
-                          threshold=prediction.threshold,
-                          pixel_threshold=prediction.pixel_threshold)
-            vmin, vmax = model.detector.display_range
-            if overlay:
-                drawn = await run_in_threadpool(report.overlay, photo, prediction.anomaly_map,
-                                                vmin, vmax, pred_mask=prediction.mask)
-                result["overlay_png"] = picture(await run_in_threadpool(_png, drawn),
-                                                images == "url")
-            if mask:
-                result["mask_png"] = picture(_png(prediction.mask.astype(np.uint8) * 255),
-                                             images == "url")
-            return result
-
-        results = await asyncio.gather(*(answer(i, f, item) for i, ((f, _), item)
-                                         in enumerate(zip(files, decoded, strict=True))))
-        body = {"model": name, "results": list(results)}
+            decode_pool, limits.decode, model.detector, filename, data)
+            for filename, data in files))
+        answering = _Answering(model, meters, pictures, overlay, mask, images == "url")
+        results = list(await asyncio.gather(*(
+            answering.answer(i, f, item)
+            for i, ((f, _), item) in enumerate(zip(files, decoded, strict=True)))))
+        body = {"model": name, "results": results}
         if not any(r["ok"] for r in results):
             first = results[0]["error"]
-            status = 413 if first["code"] in ("too_many_pixels", "image_too_large") else (
-                503 if first["code"] == "busy" else 500 if first["code"] == "model_error"
-                else 422)
             return JSONResponse({**error_body(first["code"], first["message"]), **body},
-                                status_code=status)
+                                status_code=_answer_status(results))
         return JSONResponse(body)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(resources.files("anomap").joinpath("web/index.html").read_text())
 
+
+def create_app(models: dict[str, Detector | str | Path], settings: ServeSettings | None = None,
+               runtime: str = "auto", device: str = "auto", probe: str = "refuse") -> Any:
+    """The ASGI app serving ``models`` (name -> Detector, run or export folder);
+    exports replay their probe first (``probe``: see :meth:`Detector.load`)."""
+    settings = settings or ServeSettings()
+    served = load_models(models, runtime, device, probe)
+    meters = Meters()
+    decode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="anomap-decode")
+
+    async def lifespan(app: Any):  # noqa: ANN202 - FastAPI's lifespan protocol
+        for model in served.values():
+            model.batcher = Batcher(model.detector, settings.max_batch,
+                                    settings.batch_window_ms, settings.queue_size)
+            model.batcher.start()
+        yield
+        for model in served.values():
+            if model.batcher is not None:
+                await model.batcher.stop()
+        decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="anomap", version=__version__, lifespan=lifespan,
+                  description="Anomaly scores, verdicts and heat maps from trained anomap "
+                              "models. API v1.")
+    limits = Limits(settings)
+    _add_error_handlers(app)
+    _add_guard(app, limits, meters)
+    _add_routes(app, served, limits, meters, PictureStore(settings.picture_url_seconds),
+                decode_pool)
     return app
 
 

@@ -20,7 +20,7 @@ import random
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -158,22 +158,39 @@ def _follow_recipe(scheduler: torch.optim.lr_scheduler.MultiStepLR, recipe: Reci
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
-def fit(method: str, data: str | Path, run_dir: str | Path, *,
-        model_config: dict[str, Any] | None = None, recipe_overrides: dict[str, Any] | None = None,
-        resize_mode: str | None = None, margin: int | None = None,
-        defect_dir: str | Path | None = None, mask_dir: str | Path | None = None,
-        test_normal_dir: str | Path | None = None,
-        val_fraction: float = 0.2, seed: int = 0, device: str = "auto", resume: bool = False,
-        threshold_quantile: float = 0.99, map_normalization: str | None = None,
-        preset: str = "auto", progress: bool = True) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How to train, shared by the CLI, the library and ``--model auto``: one of the
+    method's presets (``paper``; ``cpu`` for methods too heavy for a CPU; others
+    measured for a kind of data, such as STPM's ``large-defects``; ``auto``: paper
+    or cpu by device), then single method options (``model``) and recipe fields
+    (``recipe``) changed on top (None: not given), how photos become the network's
+    input, the seed, and how the threshold is calibrated."""
+
+    preset: str = "auto"
+    model: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)
+    resize_mode: str | None = None  # letterbox (default), mirror, stretch
+    margin: int | None = None
+    seed: int = 0
+    threshold_quantile: float = 0.99
+    map_normalization: str | None = None  # default: the preset's
+
+
+def fit(method: str, data: str | Path | DataSource | None, run_dir: str | Path,
+        plan: TrainingPlan | None = None, *, device: str = "auto", resume: bool = False,
+        progress: bool = True) -> dict[str, Any]:
     """``anomap train``: everything from a data folder to a usable run folder.
 
-    ``preset`` picks one of the method's named starting points (``paper``;
-    ``cpu`` for methods too heavy for a CPU; others measured for a kind of
-    data, such as STPM's ``large-defects``; ``auto`` chooses paper or cpu by
-    device); ``recipe_overrides``, ``model_config`` and ``map_normalization``
-    then change single fields.
+    ``data``: the folder (its normals, 20% held out), or a :class:`DataSource`
+    naming test folders and the share held out; None on ``resume``. ``plan``:
+    how to train (:class:`TrainingPlan`); on ``resume`` only its recipe's
+    length and schedule may change.
     """
+    plan = plan or TrainingPlan()
+    model_config, recipe_overrides = plan.model, plan.recipe
+    preset, map_normalization = plan.preset, plan.map_normalization
+    resize_mode, margin = plan.resize_mode, plan.margin
     run_dir = Path(run_dir)
     ranks = distributed.current()
     torch_device = ranks.device(resolve_device(device))
@@ -227,11 +244,7 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
             model={**method_cls.default_config(), **chosen.config, **given},
             recipe=asdict(recipe),
             geometry=Geometry(recipe.image_size, resize_mode or "letterbox", margin or 0),
-            data=DataSource(root=str(Path(data).resolve()), val_fraction=val_fraction,
-                            defect_dir=str(defect_dir) if defect_dir else None,
-                            mask_dir=str(mask_dir) if mask_dir else None,
-                            test_normal_dir=str(test_normal_dir) if test_normal_dir else None),
-            seed=seed, threshold_quantile=threshold_quantile,
+            data=_resolved(data), seed=plan.seed, threshold_quantile=plan.threshold_quantile,
             map_normalization=map_normalization or chosen.map_normalization,
             command=" ".join(sys.argv))
     recipe_dict = dict(config.recipe)
@@ -290,6 +303,16 @@ def fit(method: str, data: str | Path, run_dir: str | Path, *,
     return {"run_dir": str(run_dir), "history": history,
             "decisions": {k: (config.model[k], why) for k, why in config.decisions.items()},
             **load_calibration(run_dir)}
+
+
+def _resolved(data: str | Path | DataSource | None) -> DataSource:
+    if data is None:
+        raise ValueError("--data is required (unless --resume)")
+    source = data if isinstance(data, DataSource) else DataSource(root=str(data))
+    return replace(source, root=str(Path(source.root).resolve()), **{
+        name: str(getattr(source, name)) for name in ("defect_dir", "mask_dir",
+                                                      "test_normal_dir")
+        if getattr(source, name)})
 
 
 def synthetic_aurocs(model: AnomalyModel | InferenceModel, geometry: Geometry,
