@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from anomap.version import __version__
 
-__all__ = ["Detector", "Prediction", "__version__"]
+__all__ = ["Detector", "Prediction", "__version__", "select"]
 
 
 def __getattr__(name: str) -> Any:
@@ -18,4 +18,8 @@ def __getattr__(name: str) -> Any:
         from anomap import run
 
         return getattr(run, name)
+    if name == "select":  # choose the method without a defective image (docs/auto.md)
+        from anomap import auto
+
+        return auto.select
     raise AttributeError(f"module 'anomap' has no attribute {name!r}")

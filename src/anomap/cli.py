@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from anomap import __version__
+from anomap.version import __version__
 
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError, ValueError, RuntimeError, PermissionError)
@@ -176,8 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
             by_preset.setdefault(preset, []).append(name)
     presets = ", ".join(f"{preset} ({'/'.join(names)})" for preset, names in by_preset.items()
                         if preset != "paper")
-    model.add_argument("--model", default="stpm", choices=sorted(METHODS), metavar="METHOD",
-                       help=", ".join(sorted(METHODS)) + " (default stpm)")
+    model.add_argument("--model", default="stpm", choices=["auto", *sorted(METHODS)],
+                       metavar="METHOD",
+                       help="auto (choose by training candidates and judging them on "
+                            "synthetic anomalies; docs/auto.md), " + ", ".join(sorted(METHODS))
+                            + " (default stpm)")
+    model.add_argument("--budget", type=_duration, default="45m", metavar="TIME",
+                       help="--model auto: wall time for the search, e.g. 45m, 2h (45m)")
+    model.add_argument("--candidates", type=lambda text: text.split(","), metavar="M,M",
+                       help="--model auto: the methods to try (default all)")
+    model.add_argument("--storage", metavar="URL",
+                       help="--model auto: an Optuna storage URL to share the search "
+                            "(default: SQLite beside the run)")
     model.add_argument("--preset", default="auto", metavar="NAME",
                        help=f"auto (default: cpu on a CPU if any, else paper), paper, {presets}")
     _add_method_args(model, inference=False)
@@ -356,12 +366,52 @@ def _print_metrics(result: dict[str, Any]) -> None:
                     for k in keys if k in result))
 
 
+def _duration(text: str) -> float:
+    """``90``, ``90s``, ``45m``, ``2h`` -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration such as 45m, 2h or 900s"
+                                         ) from None
+
+
+def cmd_auto(args: argparse.Namespace) -> int:
+    from anomap.auto import Search, run_search
+    from anomap.evaluate import evaluate_run
+    from anomap.run import LoadSettings
+    from anomap.runfolder import DataSource
+
+    if args.data is None:
+        raise ValueError("--model auto needs --data (a killed search resumes when the same "
+                         "command is run again)")
+    source = DataSource(str(args.data.resolve()), val_fraction=args.val_fraction,
+                        defect_dir=args.defect_dir, mask_dir=args.mask_dir,
+                        test_normal_dir=args.test_normal_dir)
+    search = Search(source, args.out, budget_seconds=args.budget, methods=args.candidates,
+                    seed=args.seed, device=args.device, storage=args.storage,
+                    progress=not args.no_progress)
+    if search.workspace.exists():
+        print(f"anomap: resuming the search in {search.workspace}", file=sys.stderr)
+    selection = run_search(search)
+    print(f"chose: {selection['why']}\nrun: {args.out}  (ranking: {args.out / 'selection.json'})")
+    if args.test:
+        _print_metrics(evaluate_run(args.out, settings=LoadSettings(device=args.device),
+                                    progress=not args.no_progress))
+        print(f"report: {args.out / 'report.html'}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from anomap.evaluate import evaluate_run
     from anomap.run import LoadSettings
     from anomap.runfolder import DataSource
     from anomap.train import TrainingPlan, fit
 
+    if args.model == "auto":
+        return cmd_auto(args)
     if args.data is None and not args.resume:
         raise ValueError("--data is required (unless --resume)")
     recipe = {"epochs": args.epochs, "batch_size": args.batch_size,

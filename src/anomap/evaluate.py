@@ -20,7 +20,7 @@ from anomap.files import save_json, save_text
 from anomap.machine import describe_machine
 from anomap.methods import METHODS
 from anomap.run import Detector, LoadSettings
-from anomap.runfolder import DataSource, RunConfig
+from anomap.runfolder import SELECTION_FILE, DataSource, RunConfig, load_json
 from anomap.scoring import pixel_mask, verdict
 
 
@@ -117,8 +117,10 @@ def evaluate_run(run_dir: str | Path, data: str | Path | DataSource | None = Non
     write_predictions_csv(rows, out / "predictions.csv")
     save_json(result, out / "metrics.json")
     title = f"anomap {config.method} on {spec.root.name}"
+    selection = run_dir / SELECTION_FILE  # a run chosen by --model auto ranks its rivals
     report.write_html_report(out / "report.html", title=title, metrics=_headline(result),
-                             rows=rows, threshold=threshold)
+                             rows=rows, threshold=threshold,
+                             selection=load_json(selection) if selection.is_file() else None)
     return result
 
 

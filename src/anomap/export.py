@@ -36,7 +36,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from anomap import __version__
 from anomap.calibrate import Calibration
 from anomap.data import LoadedSet, load_set, to_float
 from anomap.files import save_json
@@ -82,6 +81,7 @@ from anomap.trust import (
     compare,
     save_probe,
 )
+from anomap.version import __version__
 
 log = logging.getLogger(__name__)
 

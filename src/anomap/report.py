@@ -507,8 +507,12 @@ def write_html_report(
     threshold: float,
     max_gallery_per_type: int = 6,
     worst_k: int = 8,
+    selection: dict | None = None,
 ) -> Path:
     """Write ONE self-contained HTML file (all images as data URIs) summarising a test run.
+
+    ``selection``: the run's selection.json (``--model auto``): a section ranks the
+    candidates and says why the winner won.
 
     Sections: summary sentence, metrics + confusion counts, ROC and score histogram,
     per-defect-type table, worst misses / false alarms, and a per-type gallery.
@@ -675,6 +679,41 @@ def write_html_report(
         '<p class="note">Card border: green = correct verdict, red = wrong verdict. '
         "Overlay contours: green = ground truth, white = prediction.</p>"
     )
+    if selection:
+        parts.append(selection_section(selection))
     parts.append("</body></html>")
     save_text("\n".join(parts), path)
     return path
+
+
+def selection_section(selection: dict) -> str:
+    """How ``--model auto`` chose this model: the candidates ranked by the judge, per
+    kind of synthetic anomaly, and the plain statement that no defect was used."""
+    kinds = list(selection.get("kinds", {}))
+    head = "".join(f"<th>{_esc(k)}</th>" for k in kinds)
+    rows = []
+    for row in selection.get("candidates", []):
+        reading = row.get("best_reading") or {}
+        per_kind = reading.get("kinds", {})
+        cells = "".join(
+            f"<td>{per_kind[k]['score']:.3f}</td>" if k in per_kind else
+            '<td class="note">trained on</td>' if k in row.get("trained_on_kinds", []) else
+            "<td></td>" for k in kinds)
+        how = (f"{reading.get('image_score')}"
+               + (f" {reading.get('score_window')}px" if reading.get("score_window", 1) > 1
+                  else "") + f", {reading.get('map_normalization')}") if reading else ""
+        score = f"{row['score']:.3f}" if "score" in row else ""
+        spread = (f"{reading['normal_score_spread']:.3f}"
+                  if "normal_score_spread" in reading else "")
+        seconds = f"{row['training_seconds']:.0f}" if "training_seconds" in row else ""
+        rows.append(f"<tr><td>{_esc(row['candidate'])}</td><td>{_esc(row.get('state', ''))}"
+                    f"</td><td>{row.get('epochs', '')}</td><td><b>{score}</b></td>"
+                    f"<td>{_esc(how)}</td>{cells}<td>{spread}</td><td>{seconds}</td></tr>")
+    return (
+        "<h2>How this model was chosen</h2>"
+        f"<p>{_esc(selection.get('statement', ''))}</p>"
+        f"<p><b>Why:</b> {_esc(selection.get('why', ''))}. Rule: "
+        f"{_esc(selection.get('rule', ''))}.</p>"
+        "<table><tr><th>candidate</th><th>state</th><th>epochs</th><th>judge</th>"
+        f"<th>best reading</th>{head}<th>normal score spread</th><th>training s</th></tr>"
+        + "".join(rows) + "</table>")

@@ -10,6 +10,7 @@ the data or the teacher's original weights:
     position_stats.pt per-position normal map statistics (--map-normalization position)
     last.pt           full training state, for --resume
     history.csv       one row per epoch
+    selection.json    how --model auto chose this run (only then)
 
 An export folder (``anomap export``) holds the same config and calibration
 beside its graph(s) and ``export.json``.
@@ -38,6 +39,8 @@ WEIGHTS_FILE = "model.pt"
 STATE_FILE = "last.pt"
 CALIBRATION_FILE = "calibration.json"
 HISTORY_FILE = "history.csv"
+#: ``--model auto``'s ranking of the candidates, in the run it chose
+SELECTION_FILE = "selection.json"
 POSITION_STATS_FILE = "position_stats.pt"
 #: an int8 export keeps the run's own thresholds and statistics for its fp32 graph
 FP32_CALIBRATION_FILE = "calibration.fp32.json"

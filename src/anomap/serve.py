@@ -47,10 +47,11 @@ from prometheus_client import (
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from anomap import __version__, report
+from anomap import report
 from anomap.data import DEFAULT_MAX_PIXELS, ImageReadError, load_image
 from anomap.run import Detector, Prediction, PreparedImage
 from anomap.runtimes import require
+from anomap.version import __version__
 
 log = logging.getLogger(__name__)
 

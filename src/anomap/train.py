@@ -20,6 +20,7 @@ import random
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from anomap import __version__, distributed
+from anomap import distributed
 from anomap.allocator import keep_freed_memory
 from anomap.calibrate import NO_SPLIT_SOURCE, Calibration
 from anomap.data import Geometry, LoadedSet, load_set, to_float
@@ -52,6 +53,7 @@ from anomap.runfolder import (
 from anomap.scoring import MapReader
 from anomap.standardize import PositionStats, check_normalization, require_enough_images
 from anomap.synth.check import synthetic_check_set
+from anomap.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -396,24 +398,28 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
         keep_freed_memory()
     check = (synthetic_check_set(val_set, geometry, seed)
              if recipe.selection == "synthetic" and val_set is not None else None)
-    optimizer, scheduler = build_optimizer(recipe, model.trainable_parameters())
+    # a method with nothing to learn by gradient (PatchCore) memorises the images instead
+    memorizing = not model.trainable_parameters()
+    optimizer, scheduler = ((None, None) if memorizing
+                            else build_optimizer(recipe, model.trainable_parameters()))
     start_epoch, best_val, history = 0, float("inf"), []
     state_path = run_dir / STATE_FILE
     if resume and state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         start_epoch, best_val, history = state["epoch"], state["best_val"], state["history"]
-        _follow_recipe(scheduler, recipe, start_epoch)
+        if optimizer is not None and scheduler is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            _follow_recipe(scheduler, recipe, start_epoch)
         log.info("resuming %s after epoch %d", run_dir, start_epoch)
     model.to(device).train()
-    step_fn = _training_step(model, device, ranks)
+    step_fn = None if memorizing else _training_step(model, device, ranks)
     n = len(train_set)
     batch_size = min(recipe.batch_size, n)
     # Augmented images change every epoch, so their frozen targets must be computed anew.
-    targets = (None if recipe.augment != "none" else
+    targets = (None if recipe.augment != "none" or memorizing else
                cache_frozen_targets(model, train_set, batch_size=batch_size, device=device,
                                     progress=progress))
     steps = (n + batch_size - 1) // batch_size
@@ -424,9 +430,12 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         variants = torch.Generator().manual_seed(seed * 100_003 + epoch + AUGMENT_STREAM)
         total, seen = 0.0, 0
-        epoch_lr = optimizer.param_groups[0]["lr"]  # the scheduler changes it after the epoch
-        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False,
-                   disable=not progress, unit="batch")
+        if memorizing:
+            model.eval().memorize(_batches(train_set, batch_size, device, progress), n, seed)
+            total, seen = 0.0, n
+        epoch_lr = optimizer.param_groups[0]["lr"] if optimizer is not None else 0.0
+        bar = tqdm(range(0 if memorizing else steps), desc=f"epoch {epoch + 1}/{recipe.epochs}",
+                   leave=False, disable=not progress, unit="batch")
         for step in bar:
             index = order[step * batch_size:(step + 1) * batch_size]
             if len(index) < 2 * ranks.world_size and steps > 1:  # a share of 1 breaks BatchNorm
@@ -438,6 +447,7 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
             batch_targets = (None if targets is None
                              else [t[index.to(t.device)] for t in targets])
             losses = {k: v.mean() for k, v in step_fn(images, batch_targets).items()}  # GPU mean
+            assert optimizer is not None
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             optimizer.step()
@@ -445,7 +455,8 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
             seen += len(index)
             bar.set_postfix(loss=f"{total / seen:.4f}",
                             img_s=f"{seen / (time.perf_counter() - started):.1f}")
-        scheduler.step()
+        if scheduler is not None:
+            scheduler.step()
         train_seconds = time.perf_counter() - started
         val_score, judged = float("nan"), {}
         if val_set is not None and ranks.is_main:
@@ -478,14 +489,24 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
                         "train_images_per_second": round(seen / train_seconds, 3),
                         "best": improved})
         if ranks.is_main:
-            _save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                              "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+            _save_checkpoint({"model": model.state_dict(),
+                              "optimizer": optimizer and optimizer.state_dict(),
+                              "scheduler": scheduler and scheduler.state_dict(),
+                              "rng": torch.get_rng_state(),
                               "epoch": epoch + 1, "best_val": best_val, "history": history},
                              state_path, epoch)
             _write_history(history, run_dir / HISTORY_FILE)
         epochs.set_postfix(loss=f"{history[-1]['loss']:.4f}", val=f"{val_score:.4g}",
                            best=f"{best_val:.4g}")
     return history
+
+
+def _batches(train_set: LoadedSet, batch_size: int, device: torch.device, progress: bool
+             ) -> Iterator[torch.Tensor]:
+    """The training images in order, as float batches on ``device``."""
+    for start in tqdm(range(0, len(train_set), batch_size), desc="memorising", leave=False,
+                      disable=not progress, unit="batch"):
+        yield to_float(train_set.images[start:start + batch_size]).to(device)
 
 
 class CheckpointError(RuntimeError):

@@ -7,11 +7,12 @@ from typing import Any
 from anomap.methods.base import SELECTION_RULES, AnomalyModel, Recipe
 from anomap.methods.draem import DRAEM
 from anomap.methods.fractalad import FractalAD
+from anomap.methods.patchcore import PatchCore
 from anomap.methods.rstpm import RSTPM
 from anomap.methods.stpm import STPM
 
 METHODS: dict[str, type[AnomalyModel]] = {cls.name: cls for cls in (STPM, DRAEM, RSTPM,
-                                                                       FractalAD)}
+                                                                       FractalAD, PatchCore)}
 
 
 def get_method(name: str) -> type[AnomalyModel]:

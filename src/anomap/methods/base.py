@@ -8,6 +8,7 @@ contract, so a new method is one new file in this folder.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from functools import cache
 from typing import Annotated, Any, ClassVar, get_args, get_origin
@@ -145,6 +146,9 @@ class AnomalyModel(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    #: training time per image relative to STPM's, roughly: ``--model auto`` tries the
+    #: cheaper candidates first
+    relative_cost: ClassVar[float] = 1.0
 
     def __init__(self, score_window: ScoreWindow = 1, image_score: ImageScoreRule = "max",
                  **config: Any) -> None:
@@ -215,6 +219,12 @@ class AnomalyModel(nn.Module):
         return name
 
     @classmethod
+    def synthetic_kinds(cls, config: dict[str, Any]) -> set[str]:
+        """The kinds of synthetic anomaly (:data:`anomap.synth.kinds.KINDS`) the method
+        trains on with these options: ``--model auto`` never judges it on them."""
+        return set()
+
+    @classmethod
     def describe_options(cls, config: dict[str, Any]) -> list[str]:
         """Short phrases for reports and tables: the options that change this model's
         numbers (its backbone, the method's own, how the map is scored)."""
@@ -259,6 +269,11 @@ class AnomalyModel(nn.Module):
     def anomaly_map(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, S, S) map, higher = more anomalous."""
         raise NotImplementedError
+
+    def memorize(self, batches: Iterable[torch.Tensor], count: int, seed: int = 0) -> None:
+        """For a method with no trainable parameters: learn from one pass over the
+        ``count`` training images in ``batches`` (PatchCore's memory bank)."""
+        raise NotImplementedError(f"{self.name} learns by gradient")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -207,6 +207,7 @@ class DRAEM(AnomalyModel):
     """Reconstruct, then segment the difference; trained on synthetic anomalies."""
 
     name = "draem"
+    relative_cost = 2.0  # two U-Nets trained from scratch
     multiple = 32  # five poolings in the discriminative network
 
     def __init__(self, base_width: Annotated[int, Opt(
@@ -247,6 +248,10 @@ class DRAEM(AnomalyModel):
         return {"paper": Preset(cls.default_recipe(), use="the paper's recipe, for a GPU"),
                 "cpu": Preset(cls.cpu_recipe(), CPU_CONFIG,
                               use="smaller networks, 128 px, 25 epochs: about 45 min on 2 cores")}
+
+    @classmethod
+    def synthetic_kinds(cls, config: dict[str, Any]) -> set[str]:
+        return {"texture"}
 
     @property
     def anomaly_source(self) -> AnomalySource:

@@ -147,6 +147,7 @@ class FractalAD(AnomalyModel):
     """Segment pasted fractal anomalies from teacher-student disagreement."""
 
     name = "fractalad"
+    relative_cost = 1.5  # STPM's pair plus a segmentation head, on pasted anomalies
 
     def __init__(self, backbone: BackboneName = "efficientnet_lite0",
                  weights: TeacherWeights = "imagenet",
@@ -193,6 +194,12 @@ class FractalAD(AnomalyModel):
                 "cpu": Preset(cls.default_recipe().updated(epochs=30),
                               use="the paper's recipe for 30 epochs: under an hour on 2 cores "
                                   "for 600 images")}
+
+    @classmethod
+    def synthetic_kinds(cls, config: dict[str, Any]) -> set[str]:
+        """Fractal masks over the image's own patches (or DRAEM's Perlin textures)."""
+        return {"fractal", "cutpaste"} if config.get("anomalies", "fractal") == "fractal" \
+            else {"texture"}
 
     def decide_from_data(self, images: torch.Tensor) -> dict[str, tuple[Any, str]]:
         """``foreground auto``: on for objects on a plain background, off for textures."""

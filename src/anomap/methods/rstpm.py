@@ -157,6 +157,7 @@ class RSTPM(STPM):
     """STPM's pair plus a second teacher whose pyramid a decoder rebuilds."""
 
     name = "rstpm"
+    relative_cost = 3.0  # two teachers, a student and a decoder
 
     def __init__(self, backbone: BackboneName = "efficientnet_lite0",
                  weights: TeacherWeights = "imagenet", strides: Strides = (4, 8, 16),
@@ -206,6 +207,11 @@ class RSTPM(STPM):
     def teacher_strides(cls, strides: tuple[int, ...]) -> tuple[int, ...]:
         """Teacher 1 also gives its deepest level, the decoder's input."""
         return tuple(sorted({*strides, DECODER_INPUT_STRIDE}))
+
+    @classmethod
+    def synthetic_kinds(cls, config: dict[str, Any]) -> set[str]:
+        """Pair 2 rebuilds images with DRAEM's textures pasted in, when asked to."""
+        return {"texture"} if config.get("pair2_training") == "synthetic" else set()
 
     @classmethod
     def presets(cls) -> dict[str, Preset]:

@@ -1,0 +1,114 @@
+"""``--model auto``: the judge on hand-made maps, the rule that a candidate is never
+judged on the anomalies it trained on, a killed search that resumes to the same
+choice, a search that never opens the test split, and selection.json."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import anomap
+from anomap import data as data_module
+from anomap.auto import SELECTION_FILE, Candidate, candidates, judge_maps, load_selection
+from anomap.run import Detector
+from anomap.runfolder import RunConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: a quick search: two cheap candidates, small images, a few epochs
+QUICK = {"methods": ["patchcore", "stpm"], "recipe": {"image_size": 64, "batch_size": 8},
+         "max_epochs": 2, "device": "cpu", "progress": False, "budget_seconds": 600}
+
+
+def _masks(count: int) -> torch.Tensor:
+    masks = torch.zeros(count, 16, 16, dtype=torch.bool)
+    masks[:, 4:8, 4:8] = True
+    return masks
+
+
+def test_the_judge_on_hand_made_maps() -> None:
+    generator = torch.Generator().manual_seed(0)
+    normal = torch.rand(6, 16, 16, generator=generator) * 0.1
+    masks = _masks(6)
+    perfect = normal.clone()
+    perfect[masks] += 1.0  # hot exactly where the anomaly is
+    blind = torch.rand(6, 16, 16, generator=generator) * 0.1  # sees nothing
+    verdict = judge_maps(normal[:3], normal, {"blob": (perfect, masks), "line": (blind, masks)})
+    plain = next(r for r in verdict["readings"] if (r["image_score"], r["score_window"],
+                                                    r["map_normalization"]) == ("max", 1, "none"))
+    by_kind = plain["kinds"]
+    assert by_kind["blob"]["image_auroc"] == 1.0 and by_kind["blob"]["pixel_auroc"] == 1.0
+    assert by_kind["line"]["pixel_auroc"] < 0.75  # chance, give or take six images
+    assert plain["score"] == pytest.approx(
+        (by_kind["blob"]["score"] + by_kind["line"]["score"]) / 2, abs=1e-4)
+    assert verdict["score"] == max(r["score"] for r in verdict["readings"])
+    assert {r["map_normalization"] for r in verdict["readings"]} == {"none", "position"}
+    with pytest.raises(ValueError, match="every kind"):
+        judge_maps(normal[:3], normal, {})
+
+
+def test_a_candidate_is_never_judged_on_the_kinds_it_trained_on() -> None:
+    assert Candidate("draem", "cpu", 25).trained_on == {"texture"}
+    assert Candidate("fractalad", "cpu", 30).trained_on == {"fractal", "cutpaste"}
+    assert Candidate("stpm", "paper", 100).trained_on == set()
+    assert Candidate("patchcore", "paper", 1).trained_on == set()
+    pool = candidates("cpu")
+    assert pool[0].method == "patchcore"  # the cheapest is tried first
+    assert "draem:paper" not in {c.name for c in pool}  # on a CPU its cpu preset stands in
+    assert "draem:paper" in {c.name for c in candidates("cuda")}
+
+
+@pytest.mark.timeout(300)
+def test_auto_never_reads_the_test_split_and_writes_an_ordinary_run(
+        toy_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    opened: list[str] = []
+    real = data_module.load_image
+
+    def spying(path, *args, **kwargs):  # noqa: ANN001, ANN202
+        opened.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(data_module, "load_image", spying)
+    out = tmp_path / "auto"
+    selection = anomap.select(toy_data, out, **QUICK)
+    assert opened and not [p for p in opened if "/test/" in p or "/ground_truth/" in p]
+    assert selection["no_defective_image_used"]
+    assert load_selection(out) == json.loads((out / SELECTION_FILE).read_text()) == selection
+    ranked = [row for row in selection["candidates"] if "score" in row]
+    assert [r["score"] for r in ranked] == sorted((r["score"] for r in ranked), reverse=True)
+    assert selection["winner"]["candidate"] == ranked[0]["candidate"]
+    config = RunConfig.load(out)  # an ordinary run: test, predict, export work on it
+    assert f"{config.method}:" in selection["winner"]["candidate"]
+    assert config.model["image_score"] == selection["winner"]["reading"]["image_score"]
+    photo = next((toy_data / "test" / "good").iterdir())
+    assert Detector.load(out, "cpu").predict(photo)[0].verdict in ("pass", "fail")
+
+
+@pytest.mark.timeout(400)
+def test_a_killed_search_resumes_to_the_same_choice(toy_data: Path, tmp_path: Path) -> None:
+    whole = anomap.select(toy_data, tmp_path / "whole", **QUICK)
+    out = tmp_path / "killed"
+    code = (f"import torch, anomap; torch.set_num_threads(1); "
+            f"anomap.select({str(toy_data)!r}, {str(out)!r}, "
+            f"**{QUICK!r})")
+    process = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE,
+                               text=True)
+    candidate_runs = out.with_name("killed.auto") / "candidates"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:  # first candidate done
+        if (candidate_runs / "stpm-paper" / "history.csv").is_file():
+            break
+        time.sleep(0.2)
+    process.kill()
+    process.wait()
+    assert not out.exists()
+    resumed = anomap.select(toy_data, out, **QUICK)
+    assert resumed["winner"]["candidate"] == whole["winner"]["candidate"]
+    scores = {r["candidate"]: r.get("score") for r in resumed["candidates"]}
+    assert scores == {r["candidate"]: r.get("score") for r in whole["candidates"]}
