@@ -112,3 +112,23 @@ def test_a_killed_search_resumes_to_the_same_choice(toy_data: Path, tmp_path: Pa
     assert resumed["winner"]["candidate"] == whole["winner"]["candidate"]
     scores = {r["candidate"]: r.get("score") for r in resumed["candidates"]}
     assert scores == {r["candidate"]: r.get("score") for r in whole["candidates"]}
+
+
+def test_the_report_section_ranks_the_candidates_and_marks_what_each_trained_on() -> None:
+    from anomap.report import selection_section
+
+    reading = {"image_score": "max", "score_window": 21, "map_normalization": "none",
+               "normal_score_spread": 0.1, "kinds": {"line": {"score": 0.9}}}
+    selection = {"statement": "No defective image was used.", "why": "a won", "rule": "r",
+                 "kinds": {"line": "", "texture": ""},
+                 "candidates": [{"candidate": "a:paper", "state": "complete", "epochs": 1,
+                                 "score": 0.9, "best_reading": reading,
+                                 "trained_on_kinds": [], "training_seconds": 3.0},
+                                {"candidate": "b:cpu", "state": "pruned", "epochs": 1,
+                                 "score": 0.5, "best_reading": reading,
+                                 "trained_on_kinds": ["texture"]},
+                                {"candidate": "c:paper", "state": "not tried (budget)",
+                                 "trained_on_kinds": []}]}
+    page = selection_section(selection)
+    assert page.index("a:paper") < page.index("b:cpu") < page.index("c:paper")
+    assert "No defective image was used." in page and page.count("trained on") == 1

@@ -287,10 +287,11 @@ def run_search(search: Search) -> dict[str, Any]:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 del alive[candidate.name]
                 continue
+            go_on = not trial.should_prune()  # also enters the score among the rung's
             if candidate.epochs_at(rung) >= candidate.epochs:
                 study.tell(trial, score)
                 del alive[candidate.name]
-            elif trial.should_prune():
+            elif not go_on:
                 search.say(f"auto: {candidate.name} stops: not in the top half at "
                            f"{candidate.epochs_at(rung)} epochs")
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)

@@ -25,7 +25,7 @@ from anomap import report
 from anomap.data import load_image
 from anomap.files import save_text
 from anomap.run import Detector
-from anomap.runfolder import RunError, load_json
+from anomap.runfolder import SELECTION_FILE, RunError, load_json
 
 
 def _tested(run: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -131,6 +131,9 @@ def compare_runs(runs: list[str | Path], out: str | Path, *, names: list[str] | 
                        f"{html.escape(label['defect_type'])}</td>{''.join(cells)}</tr>")
 
     run_heads = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    chosen = "".join(  # runs --model auto chose: how, and against which candidates
+        f"<h2>{html.escape(name)}</h2>" + report.selection_section(load_json(run / SELECTION_FILE))
+        for name, run in zip(names, runs, strict=True) if (run / SELECTION_FILE).is_file())
     roc = report._data_uri(_roc_overlay(names, tables), "image/png")
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <title>anomap compare: {html.escape(' vs '.join(names))}</title>
@@ -148,6 +151,6 @@ vertical-align:top;text-align:left}}th{{background:#f4f4f4}}.fail{{color:#c0262d
 <p>Images whose score ranks (percentile among the run's own scores) differ most
 between the runs, most first.</p>
 <table><tr><th>image</th>{run_heads}</tr>{''.join(gallery)}</table>
-</body></html>
+{chosen}</body></html>
 """
     return save_text(page, out)
