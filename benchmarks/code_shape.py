@@ -7,6 +7,10 @@ that compare a score with a threshold. Writes one JSON, so a refactor's before
 and after sit side by side.
 
     python benchmarks/code_shape.py --out benchmarks/results/diagnostics/code_shape.json
+    git worktree add /tmp/before 7b19154 && python benchmarks/code_shape.py \
+        --src /tmp/before/src --out benchmarks/results/diagnostics/code_shape_before.json
+
+A count of source text, not a timing: the machine is recorded all the same.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import json
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent / "src"
+from anomap.machine import describe_machine
+
+ROOT = Path(__file__).resolve().parent.parent / "src"  # --src changes it
 CONFIG_READ = re.compile(r"""\bconfig(?:\.get\(|\[)\s*["']""")
 THRESHOLD_TEST = re.compile(r">=\s*(?:self\.|detector\.)?threshold\b")
 
@@ -40,7 +46,10 @@ def resolve(module: str, node: ast.ImportFrom, package: bool) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--src", type=Path, help="the source tree to count (default: this one)")
     args = parser.parse_args()
+    global ROOT
+    ROOT = (args.src or ROOT).resolve()
     modules = {module_name(p): p for p in ROOT.rglob("*.py")}
     graph: dict[str, set[str]] = {m: set() for m in modules}
     inner_imports, long_functions, many_parameters = [], [], []
@@ -91,6 +100,7 @@ def main() -> None:
         "config_string_key_reads": sum(config_reads.values()),
         "config_string_key_reads_by_module": config_reads,
         "score_threshold_comparisons": threshold_tests,
+        "machine": describe_machine(),
     }
     text = json.dumps(result, indent=1)
     if args.out:

@@ -13,7 +13,7 @@ images/s and 52-63 ms with freed memory kept.
 PyTorch's GPU allocator caches freed blocks for the same reason; on the CPU it
 leaves that to malloc, so anomap tells glibc to serve large blocks from its heap
 and not to trim it: the process keeps its peak memory instead of returning it
-between batches. Done once, by training and by :class:`anomap.export.InferenceModel`
+between batches. Done once, by training and by :class:`anomap.inference.InferenceModel`
 on a CPU. Elsewhere (musl, macOS, Windows) nothing changes. ``ANOMAP_SYSTEM_MALLOC=1``
 in the environment turns it off.
 """

@@ -348,7 +348,7 @@ def _train_and_judge(search: Search, candidate: Candidate, trial: Any, rung: int
     report the best to the trial; returns it."""
     run = search.workspace / "candidates" / candidate.name.replace(":", "-")
     epochs = candidate.epochs_at(rung)
-    before = _frozen_attrs(trial)
+    before = _frozen(trial.study, trial).user_attrs
     if rung and before.get("epochs") == epochs:  # this rung trains no further: same verdict
         trial.set_user_attr(f"rung{rung}", {**before[f"rung{rung - 1}"], "seconds": 0.0})
         trial.report(before["judge"]["score"], 2 ** rung)
@@ -376,10 +376,6 @@ def _train_and_judge(search: Search, candidate: Candidate, trial: Any, rung: int
     trial.report(verdict["score"], 2 ** rung)
     search.say(f"auto: {candidate.name} at {epochs} epochs: judge {verdict['score']:.3f}")
     return verdict["score"]
-
-
-def _frozen_attrs(trial: Any) -> dict[str, Any]:
-    return trial.study._storage.get_trial(trial._trial_id).user_attrs
 
 
 def _held_out(config: RunConfig) -> LoadedSet:

@@ -82,7 +82,7 @@ def dice_bce_loss(logits: torch.Tensor, masks: torch.Tensor, smooth: float = 1.0
 
 
 def _conv_bn_relu(cin: int, cout: int, kernel: int) -> nn.Sequential:
-    """conv -> BN -> ReLU, the order :func:`anomap.export.fuse_conv_bn` folds."""
+    """conv -> BN -> ReLU, the order :func:`anomap.inference.fuse_conv_bn` folds."""
     return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=kernel // 2),
                          nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 

@@ -77,7 +77,7 @@ def fuse_maps(pair1: list[torch.Tensor], pair2: list[torch.Tensor], rule: str) -
 
 
 def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
-    """3x3 conv then BatchNorm, in the order :func:`anomap.export.fuse_conv_bn` folds."""
+    """3x3 conv then BatchNorm, in the order :func:`anomap.inference.fuse_conv_bn` folds."""
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout)]
 
 
