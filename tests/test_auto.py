@@ -106,7 +106,7 @@ def test_a_killed_search_resumes_to_the_same_choice(toy_data: Path, tmp_path: Pa
             break
         time.sleep(0.2)
     process.kill()
-    process.wait()
+    process.wait(timeout=60)
     assert not out.exists()
     resumed = anomap.select(toy_data, out, **QUICK)
     assert resumed["winner"]["candidate"] == whole["winner"]["candidate"]

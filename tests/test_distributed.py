@@ -50,7 +50,8 @@ def test_two_ranks_train_one_run_that_follows_the_one_process_run(
 
 
 def _children(pid: int) -> list[int]:
-    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True,
+                           timeout=30).stdout
     return [int(p) for p in found.split()]
 
 

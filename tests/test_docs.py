@@ -81,7 +81,7 @@ def test_the_quick_start_runs_as_written(tmp_path: Path, monkeypatch: pytest.Mon
         if argv[0] == "curl":
             upload = next(a for a in argv if a.startswith("files=@")).removeprefix("files=@")
             url = next(a for a in argv if a.startswith("http"))
-            with TestClient(apps[-1]) as client:
+            with TestClient(apps[-1], base_url="http://127.0.0.1:8000") as client:
                 reply = client.post(url.split("8000", 1)[1],
                                     files=[("files", (upload, Path(upload).read_bytes()))])
             assert reply.status_code == 200, reply.text

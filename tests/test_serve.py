@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,7 +20,7 @@ from conftest import png_claiming
 from PIL import Image
 
 from anomap.run import Detector
-from anomap.serve import ServeSettings, create_app
+from anomap.serve import ServeSettings, create_app, server_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,10 +28,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @contextmanager
 def running(models: dict, settings: ServeSettings | None = None) -> Iterator[str]:
     """The real uvicorn server in a thread on a free loopback port; yields its URL."""
+    with running_app(models, settings) as (url, _):
+        yield url
+
+
+@contextmanager
+def running_app(models: dict, settings: ServeSettings | None = None
+                ) -> Iterator[tuple[str, Any]]:
+    """:func:`running`, yielding the app too (its budgets are ``app.state.limits``)."""
     import uvicorn
 
-    app = create_app(models, settings or ServeSettings(), device="cpu")
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
+    settings = settings or ServeSettings()
+    app = create_app(models, settings, device="cpu")
+    server = uvicorn.Server(uvicorn.Config(app, **server_options(settings, port=0,
+                                                                 log_level="error")))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -38,7 +49,7 @@ def running(models: dict, settings: ServeSettings | None = None) -> Iterator[str
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", app
     finally:
         server.should_exit = True
         thread.join(timeout=10)
@@ -139,6 +150,9 @@ def test_the_api_key_is_checked_and_required_off_loopback(trained_run: Path,
                              headers={"authorization": "Bearer sesame"})
         assert allowed.status_code == 200
         assert httpx.get(f"{url}/healthz").status_code == 200  # probes need no key
+        for guarded in ("/metrics", "/openapi.json", "/v1/models/tiles/report"):
+            assert httpx.get(url + guarded).status_code == 401, guarded
+        assert httpx.get(f"{url}/metrics", headers={"x-api-key": "sesame"}).status_code == 200
 
 
 def test_concurrent_requests_are_batched_and_a_model_error_fails_only_its_batch(
@@ -159,8 +173,10 @@ def test_concurrent_requests_are_batched_and_a_model_error_fails_only_its_batch(
         for thread in threads:
             thread.join()
         assert len(results) == 6 and max(results) - min(results) < 1e-4 * max(results)
-        batches = httpx.get(f"{url}/metrics").text
-        assert "anomap_requests_total" in batches
+        metrics = httpx.get(f"{url}/metrics").text
+        batches = _metric(metrics, 'anomap_batch_size_count{model="tiles"}')
+        singles = _metric(metrics, 'anomap_batch_size_bucket{le="1.0",model="tiles"}')
+        assert batches < 6 and singles < batches, "concurrent requests must share a batch"
         original = detector.predict_prepared
         detector.predict_prepared = lambda *a, **k: 1 / 0  # the model breaks
         broken = httpx.post(f"{url}/v1/models/tiles/predict", content=image, timeout=60)
@@ -168,6 +184,14 @@ def test_concurrent_requests_are_batched_and_a_model_error_fails_only_its_batch(
         detector.predict_prepared = original
         assert httpx.post(f"{url}/v1/models/tiles/predict", content=image,
                           timeout=60).status_code == 200  # and the server goes on
+
+
+def _metric(text: str, name: str) -> float:
+    """One sample's value from Prometheus' text format."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in the metrics")
 
 
 def _chromium() -> str | None:

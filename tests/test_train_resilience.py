@@ -30,7 +30,8 @@ def _train(data: Path, run: Path, *extra: str, prelude: str = "") -> subprocess.
     """``python -m anomap train`` in a fresh process; ``prelude`` runs first (a fault to inject)."""
     code = f"{prelude}\nimport sys\nfrom anomap.cli import main\nsys.exit(main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *TRAIN, "--data", str(data), "--out",
-                           str(run), *extra], env=ENV, capture_output=True, text=True)
+                           str(run), *extra], env=ENV, capture_output=True, text=True,
+                          timeout=300)
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -59,11 +60,13 @@ def test_sigkill_at_a_random_moment_then_resume_gives_the_same_weights(
     process = subprocess.Popen([sys.executable, "-m", "anomap", *TRAIN, "--data", str(toy_data),
                                 "--out", str(run)], env=ENV, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    while not (run / "last.pt").exists() and process.poll() is None:
+    deadline = time.monotonic() + 240
+    while (not (run / "last.pt").exists() and process.poll() is None
+           and time.monotonic() < deadline):
         time.sleep(0.01)
     time.sleep(random.Random(os.getpid()).uniform(0.0, 0.5))  # mid-epoch, at some point
     process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.wait(timeout=60)
     done = torch.load(run / "last.pt", weights_only=False)["epoch"]
     assert done < EPOCHS, "the run finished before it was killed; the test proved nothing"
     resumed = _train(toy_data, run, "--resume")

@@ -53,3 +53,15 @@ def keep_freed_memory() -> bool:
     if not done:
         log.debug("mallopt refused: memory allocation left as it was")
     return done
+
+
+def return_memory() -> bool:
+    """Hand the heap's free pages back to the system now (glibc's ``malloc_trim``),
+    for a long-lived process at an idle moment: the service, after a burst of large
+    photos, would otherwise look as big as its worst moment forever."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

@@ -97,6 +97,9 @@ class Calibration:
             "map_normalization": self.normalization,
             "n_images": len(scores), "score_mean": float(scores.mean()),
             "score_max": float(scores.max()),
+            # the held-out normals' scores: what a station's recent scores are compared
+            # with to notice drift (anomap watch)
+            "normal_scores": [float(f"{s:.6g}") for s in np.sort(scores)],
             "display_range": display_range(maps, pixel_threshold), "best_epoch": epoch,
             "n_skipped": len(self.skipped), "skipped": self.skipped,
         }, self.run_dir / CALIBRATION_FILE)

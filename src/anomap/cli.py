@@ -134,6 +134,14 @@ def _say_runtime(detector: Any) -> None:
         print(f"anomap: runtime {report['runtime']}: {report['why']}", file=sys.stderr)
 
 
+def _timestamp(text: str) -> Any:
+    """An ISO date or time (without a zone: this machine's), in UTC as the record keeps it."""
+    import datetime as dt
+
+    value = dt.datetime.fromisoformat(text)
+    return (value if value.tzinfo else value.astimezone()).astimezone(dt.timezone.utc)
+
+
 def _add_max_pixels_arg(parser: argparse.ArgumentParser) -> None:
     from anomap.data import DEFAULT_MAX_PIXELS
 
@@ -263,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--fast-decode", action="store_true",
                          help="decode JPEGs at reduced size where the network is smaller than "
                               "the photo (faster; scores move slightly; not with --out)")
+    predict.add_argument("--picture-max-side", type=int, default=2048, metavar="PX",
+                         help="with --out: overlays and masks drawn at most PX on a side "
+                              "(default 2048; bounds the memory a huge photo takes)")
     predict.add_argument("--engine", default="local", choices=["local", "ray"],
                          help="ray: an actor pool on Ray Data (pip install \"anomap[ray]\")")
     predict.add_argument("--address",
@@ -303,6 +314,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long the first image of a batch waits for others "
                             "(default 10 ms; 0: no batching)")
     _add_max_pixels_arg(serve)
+    guard = serve.add_argument_group("memory and slow clients (docs/deployment.md)")
+    guard.add_argument("--memory-budget", type=float, metavar="MiB",
+                       help="the whole process's memory: what the loaded models leave is "
+                            "split between uploads (20%%), decoding and drawing (70%%) and "
+                            "pictures kept for URLs (10%%); default: 128 + 768 + 64 MiB "
+                            "beside the models")
+    guard.add_argument("--max-in-flight", type=int, default=32,
+                       help="requests handled at once; more get 503 with Retry-After")
+    guard.add_argument("--picture-max-side", type=int, default=1024, metavar="PX",
+                       help="overlays and masks drawn at most PX on a side (default 1024)")
+    guard.add_argument("--head-timeout", type=float, default=10.0, metavar="S",
+                       help="seconds a client has to send a request's headers")
+    guard.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
+                       help="seconds a client has to send a request's body (408 after)")
+    guard.add_argument("--allowed-hosts", default="", metavar="NAME[,NAME]",
+                       help="Host names answered besides loopback's ('*': any); without "
+                            "a key or this list, only loopback names are (no DNS rebinding)")
 
     compare = commands.add_parser(
         "compare", help="put tested runs side by side on one HTML page")
@@ -313,6 +341,53 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("-n", type=int, default=12,
                          help="images where the runs disagree most, shown (default 12)")
     compare.add_argument("--device", default="auto")
+
+    watch = commands.add_parser(
+        "watch", help="judge photos as they arrive in folders, each once, kept in a record",
+        description="Runs until stopped (Ctrl-C, SIGTERM). docs/line.md")
+    watch.add_argument("folders", nargs="+", type=Path, metavar="DIR")
+    watch.add_argument("--run", required=True, type=Path, help="a run or export folder")
+    watch.add_argument("--station", help="this station's name in the record (default: the "
+                                         "first folder's name)")
+    watch.add_argument("--record", metavar="URL",
+                       help="the record's database URL (default: sqlite:///DIR/.anomap/"
+                            "record.db; postgresql://... for several stations)")
+    watch.add_argument("--poll", action="store_true",
+                       help="poll the folders instead of file-system events (network shares)")
+    watch.add_argument("--settle", type=float, default=0.25, metavar="S",
+                       help="a photo is complete when its size and time stand still this "
+                            "long (default 0.25 s)")
+    watch.add_argument("--move-to", type=Path, metavar="DIR",
+                       help="move judged photos into DIR/pass and DIR/fail")
+    watch.add_argument("--copy-to", type=Path, metavar="DIR",
+                       help="copy judged photos into DIR/pass and DIR/fail")
+    watch.add_argument("--out", type=Path, help="folder for overlay and mask PNGs")
+    watch.add_argument("--batch-size", type=int, default=8)
+    watch.add_argument("--drift-window", type=int, default=100, metavar="N",
+                       help="recent photos compared with the held-out normals (default 100)")
+    watch.add_argument("--stop-when-idle", type=float, metavar="S",
+                       help="stop after S seconds with nothing to judge (batch use)")
+    watch.add_argument("--device", default="auto")
+    _add_runtime_arg(watch)
+    _add_max_pixels_arg(watch)
+
+    history = commands.add_parser(
+        "history", help="query the inspection record; export it as CSV, JSON lines or Parquet")
+    where = history.add_mutually_exclusive_group(required=True)
+    where.add_argument("--record", metavar="URL", help="the record's database URL")
+    where.add_argument("--folder", type=Path, metavar="DIR",
+                       help="a watched folder: its record (DIR/.anomap/record.db)")
+    history.add_argument("--since", type=_timestamp, metavar="ISO",
+                         help="e.g. 2026-12-07 or 2026-12-07T08:00")
+    history.add_argument("--until", type=_timestamp, metavar="ISO")
+    history.add_argument("--verdict", choices=["pass", "fail", "error"])
+    history.add_argument("--min-score", type=float)
+    history.add_argument("--max-score", type=float)
+    history.add_argument("--model", help="a model's name or version")
+    history.add_argument("--station")
+    history.add_argument("--drift", action="store_true", help="the drift warnings instead")
+    history.add_argument("--format", default="csv", choices=["csv", "jsonl", "parquet"])
+    history.add_argument("--output", type=Path, help="file to write (default: CSV to stdout)")
 
     samples = commands.add_parser(
         "samples", help="write a PNG grid of the synthetic training samples a method sees")
@@ -491,7 +566,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     table = Table(args.output, args.format, args.resume, args.overwrite, sys.stdout)
     settings = InspectionSettings(args.batch_size, args.workers, args.out,
                                   args.fast_decode,
-                                  progress=not args.quiet and sys.stderr.isatty())
+                                  progress=not args.quiet and sys.stderr.isatty(),
+                                  picture_max_side=args.picture_max_side)
     if args.engine == "ray":
         from anomap.scale import inspect_on_ray
 
@@ -561,6 +637,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     for module in ("fastapi", "uvicorn", "python_multipart", "prometheus_client"):
         require(module)  # the serve extra, or a message naming it
+    from anomap.admission import Budget
     from anomap.serve import ServeSettings, serve
 
     models: dict[str, Path] = {}
@@ -572,11 +649,83 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, api_key=args.api_key,
         max_request_bytes=args.max_request_bytes, max_image_bytes=args.max_image_bytes,
         max_images=args.max_images, max_pixels=args.max_pixels, max_batch=args.max_batch,
-        batch_window_ms=args.batch_window_ms)
+        batch_window_ms=args.batch_window_ms, picture_max_side=args.picture_max_side,
+        budget=Budget(max_in_flight=args.max_in_flight),
+        memory_budget_bytes=None if args.memory_budget is None
+        else int(args.memory_budget * 2**20),
+        head_timeout_s=args.head_timeout, body_timeout_s=args.body_timeout,
+        allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()))
     settings.check()
     print(f"anomap serve: {', '.join(models)} on http://{args.host}:{args.port}/  "
-          f"(API docs: /docs)", file=sys.stderr)
+          f"(API schema: /openapi.json)", file=sys.stderr)
     serve(models, settings, runtime=args.runtime, device=args.device, probe=args.probe)
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    import threading
+
+    from anomap.watch import StationSettings, open_station, stop_on_signals
+
+    for folder in args.folders:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: not a folder to watch")
+    if args.move_to and args.copy_to:
+        raise ValueError("give --move-to or --copy-to, not both")
+    settings = StationSettings(
+        folders=tuple(args.folders), station=args.station or args.folders[0].resolve().name,
+        record_url=args.record, settle_s=args.settle, poll=args.poll,
+        batch_size=args.batch_size, action="move" if args.move_to else "copy"
+        if args.copy_to else None, sorted_to=args.move_to or args.copy_to,
+        pictures=args.out, drift_window=args.drift_window,
+        stop_when_idle_s=args.stop_when_idle)
+
+    def said(row: dict[str, Any]) -> None:
+        score = "-" if row["score"] is None else f"{row['score']:.4g}"
+        print(f"{row['verdict']}\t{score}\t{row['path']}", flush=True)
+
+    station = open_station(args.run, settings, args.device, args.runtime, args.probe, said)
+    _say_runtime(station.detector)
+    print(f"anomap watch: {', '.join(map(str, settings.folders))} as station "
+          f"{settings.station!r}, model {station.model_name} {station.model_version}, "
+          f"record {settings.url()}", file=sys.stderr, flush=True)
+    stop = threading.Event()
+    stop_on_signals(stop)
+    judged = station.run(stop)
+    print(f"anomap watch: {judged} photos judged", file=sys.stderr)
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from anomap.record import Query, Record, default_url, export_rows
+
+    record = Record(args.record or default_url(args.folder / ".anomap"))
+    try:
+        if args.drift:
+            rows = record.drift(args.station)
+            for row in rows:
+                print(f"{row['at']}\t{row['station']}\t{row['state']}\tp={row['p_value']:.3g}"
+                      f"\t{row['evidence']}")
+            return 0
+        query = Query(args.since, args.until, args.verdict, args.min_score, args.max_score,
+                      args.model, args.station)
+        rows = record.rows(query)
+        if args.output is None:
+            if args.format != "csv":
+                raise ValueError(f"--format {args.format} needs --output FILE")
+            import csv
+
+            from anomap.record import HISTORY_COLUMNS
+
+            writer = csv.DictWriter(sys.stdout, fieldnames=list(HISTORY_COLUMNS),
+                                    extrasaction="ignore", lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+            return 0
+        count = export_rows(rows, args.output, args.format)
+        print(f"anomap history: {count} inspections -> {args.output}", file=sys.stderr)
+    finally:
+        record.close()
     return 0
 
 
@@ -643,7 +792,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="anomap: %(levelname)s: %(message)s")
     handler = {"train": cmd_train, "test": cmd_test, "retune": cmd_retune,
                "predict": cmd_predict, "export": cmd_export, "serve": cmd_serve,
-               "compare": cmd_compare,
+               "compare": cmd_compare, "watch": cmd_watch, "history": cmd_history,
                "samples": cmd_samples,
                "demo": cmd_demo}[args.command]
     if getattr(args, "max_pixels", None) is not None:

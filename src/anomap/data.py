@@ -14,10 +14,14 @@ skipped, and the count of skipped files travels with the loaded set.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import random
+import re
+import stat
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -30,7 +34,13 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+#: the file formats anomap reads, at every entry point (training, predict, the
+#: service): Pillow never tries another (its EPS reader, for one, runs Ghostscript)
+#: (a camera's multi-picture JPEG opens through JPEG, as Pillow's MPO)
+READABLE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF", "PPM")
+#: the names of those formats' files: what a folder is searched for
+IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items()
+                             if fmt in (*READABLE_FORMATS, "MPO"))
 RESIZE_MODES = ("letterbox", "mirror", "stretch")
 _FILL = {"letterbox": "edge", "mirror": "symmetric", "stretch": "edge"}  # np.pad modes
 
@@ -104,28 +114,37 @@ def max_pixels() -> int:
     return _max_pixels
 
 
-def load_image(path: str | Path | BinaryIO, max_pixels: int | None = None,
-               name: str | None = None, draft: int | None = None) -> Image.Image:
-    """Decode an image file fully into 8-bit RGB, or raise ImageReadError naming it.
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
-    ``path`` may be an open binary file (an upload) named by ``name``; its content
-    decides the format, never its name. The size in the header is checked before
-    decoding: an image over ``max_pixels`` (default: the process's limit,
-    :func:`set_max_pixels`) is refused with its size and the limit, so one
-    oversized file never stops a run. ``draft``: a JPEG is decoded at the smallest
-    power-of-two reduction that keeps both sides at least ``draft`` pixels
-    (libjpeg scales while decoding), for a network smaller than the photo."""
+
+def _said(error: BaseException, label: str) -> str:
+    """Pillow's message with the repr of an in-memory file (and its address) replaced
+    by the file's name."""
+    return _OBJECT_REPR.sub(label, str(error))
+
+
+@contextlib.contextmanager
+def _opened(path: str | Path | BinaryIO, max_pixels: int | None, name: str | None
+            ) -> Iterator[Image.Image]:
+    """An image opened (header read, pixels not decoded) and checked: a regular
+    file, a readable format, within the pixel limit. Every failure is an
+    :class:`ImageReadError` naming the file."""
     is_file = isinstance(path, str | Path)
     if is_file:
         path = Path(path)
     label = name or (str(path) if is_file else "upload")
     limit = _max_pixels if max_pixels is None else max_pixels
     try:
-        if is_file and path.is_dir():
-            raise ImageReadError(f"{label}: a folder, not an image file", "not a file")
+        if is_file:
+            mode = os.stat(path).st_mode
+            if stat.S_ISDIR(mode):
+                raise ImageReadError(f"{label}: a folder, not an image file", "not a file")
+            if not stat.S_ISREG(mode):  # a FIFO or a device would block or never end
+                raise ImageReadError(f"{label}: not a regular file (a pipe, socket or "
+                                     "device)", "not a file")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            handle = Image.open(path)
+            handle = Image.open(path, formats=READABLE_FORMATS)
         with handle:
             width, height = handle.size
             if width * height > limit:
@@ -133,11 +152,7 @@ def load_image(path: str | Path | BinaryIO, max_pixels: int | None = None,
                     f"{label}: {width}x{height} is {width * height:,} pixels, over the limit "
                     f"of {limit:,}; raise it (max_pixels, --max-pixels) if the file "
                     "is trusted", "over pixel limit")
-            if draft is not None and handle.format == "JPEG":
-                handle.draft("RGB", (draft, draft))
-            handle.load()
-            image = ImageOps.exif_transpose(handle) or handle
-            return _to_rgb(image)
+            yield handle
     except FileNotFoundError as error:
         reason = "dangling link" if is_file and path.is_symlink() else "not found"
         raise ImageReadError(f"{label}: {reason}", reason) from error
@@ -145,13 +160,46 @@ def load_image(path: str | Path | BinaryIO, max_pixels: int | None = None,
         raise
     except Image.DecompressionBombError as error:  # Pillow refuses it even to open
         raise ImageReadError(f"{label}: refused, too many pixels to decode safely "
-                             f"({error}); raise --max-pixels if the file is trusted",
-                             "over pixel limit") from error
+                             f"({_said(error, label)}); raise --max-pixels if the file is "
+                             "trusted", "over pixel limit") from error
     except UnidentifiedImageError as error:
-        raise ImageReadError(f"{label}: not an image anomap can read ({error})",
-                             "not an image") from error
+        raise ImageReadError(f"{label}: not an image anomap can read (formats: "
+                             f"{', '.join(READABLE_FORMATS)})", "not an image") from error
     except (OSError, ValueError, SyntaxError, EOFError) as error:
-        raise ImageReadError(f"{label}: cannot decode image ({error})") from error
+        raise ImageReadError(f"{label}: cannot decode image ({_said(error, label)})") from error
+
+
+def read_header(path: str | Path | BinaryIO, max_pixels: int | None = None,
+                name: str | None = None) -> tuple[int, int]:
+    """An image's (width, height) from its header, checked as :func:`load_image`
+    checks it, without decoding a pixel: what a budget reckons with first."""
+    with _opened(path, max_pixels, name) as handle:
+        return handle.size
+
+
+def load_image(path: str | Path | BinaryIO, max_pixels: int | None = None,
+               name: str | None = None, draft: int | None = None) -> Image.Image:
+    """Decode an image file fully into 8-bit RGB, or raise ImageReadError naming it.
+
+    ``path`` may be an open binary file (an upload) named by ``name``; its content
+    decides the format, never its name, and only :data:`READABLE_FORMATS` are read.
+    The size in the header is checked before decoding: an image over
+    ``max_pixels`` (default: the process's limit, :func:`set_max_pixels`) is
+    refused with its size and the limit, so one oversized file never stops a run.
+    ``draft``: a JPEG is decoded at the smallest power-of-two reduction that keeps
+    both sides at least ``draft`` pixels (libjpeg scales while decoding), for a
+    network smaller than the photo. An animated image gives its first frame."""
+    label = name or (str(path) if isinstance(path, str | Path) else "upload")
+    with _opened(path, max_pixels, name) as handle:
+        try:
+            if draft is not None and handle.format == "JPEG":
+                handle.draft("RGB", (draft, draft))
+            handle.load()
+            ImageOps.exif_transpose(handle, in_place=True)  # a copy of a large photo otherwise
+            return _to_rgb(handle)  # the one copy: the handle's pixels go when it closes
+        except (OSError, ValueError, SyntaxError, EOFError) as error:
+            raise ImageReadError(f"{label}: cannot decode image ({_said(error, label)})"
+                                 ) from error
 
 
 def load_mask(path: str | Path) -> np.ndarray:
@@ -227,6 +275,14 @@ class Geometry:
         if not 0 <= self.margin <= self.size // 4:
             raise ValueError(f"margin {self.margin}: choose 0 to {self.size // 4} pixels "
                              f"(a quarter of the image size {self.size})")
+
+    @property
+    def decode_floor(self) -> int:
+        """The fewest pixels a side of a JPEG is decoded at: eight times the network's
+        input, so that libjpeg's reduced decoding (:func:`load_image`'s ``draft``)
+        spares a 6000 px photo most of its memory while the network, which sees
+        ``size`` pixels, sees the same photo. Every reader of a run uses it."""
+        return 8 * self.size
 
     def box_for(self, width: int, height: int) -> Box:
         inner = self.size - 2 * self.margin
@@ -428,7 +484,7 @@ def load_set(samples: Iterable[Sample], geometry: Geometry, *, with_masks: bool 
     blank = np.zeros((geometry.size, geometry.size), dtype=bool)
     for sample in tqdm(samples, desc=desc, disable=not progress, leave=False, unit="img"):
         try:
-            array, box = geometry.apply(load_image(sample.path))
+            array, box = geometry.apply(load_image(sample.path, draft=geometry.decode_floor))
             mask = blank
             if with_masks and sample.mask_path is not None:
                 mask = geometry.apply_mask(load_mask(sample.mask_path))

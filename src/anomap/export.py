@@ -233,6 +233,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "onnx",
         raise RunExistsError(f"{out_dir} already exists; choose another --out folder")
     if is_export(run_dir):
         raise ExportError(f"{run_dir} is an export already; export the run it came from")
+    for module in ("onnx", "onnxscript", *(("openvino",) if fmt == "openvino" else ())):
+        require(module)  # before minutes of work, not after
     reference = Detector.load(run_dir, "cpu")
     config = reference.config
     geometry = config.geometry

@@ -13,7 +13,11 @@ others and a crash must not cost what was done:
   uninterrupted run's;
 * overlay and mask pictures mirror the inputs' paths below their common
   folder, so ``lineA/001.png``, ``lineB/001.png`` and ``001.jpg`` never share
-  a name;
+  a name; they are drawn at most ``picture_max_side`` pixels on a side, so a
+  6000 px photo costs megabytes, not gigabytes;
+* only regular files are opened (a FIFO named ``b.png`` is an error row, not
+  a hang), every name a file system can hold is written (:func:`path_text`),
+  and ignored files have rows too (``verdict: ignored``, with the reason);
 * a small pool of threads decodes and resizes photos while the network
   scores the previous batch (Pillow releases the GIL while it decodes), and
   only a bounded window of photos is in memory however large the folder.
@@ -31,9 +35,9 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -47,6 +51,32 @@ from anomap.run import Detector, Prediction, PreparedImage
 COLUMNS = ("path", "score", "verdict", "threshold", "pixel_threshold", "overlay", "mask",
            "error")
 FORMATS = ("jsonl", "csv")
+IGNORED = "ignored"
+
+
+def path_text(path: str | Path) -> str:
+    r"""A path as it is written in a table: as it is where it is valid UTF-8 without
+    a backslash; otherwise escaped as a Python bytes literal would be (``\\`` for a
+    backslash, ``\xNN`` for a byte that is not UTF-8), which is lossless: Linux
+    names are bytes, and not every name decodes."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    else:
+        if "\\" not in text:
+            return text
+    raw = os.fsencode(text).replace(b"\\", b"\\\\")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def path_from_text(text: str) -> Path:
+    """The path :func:`path_text` wrote, back (its inverse)."""
+    if "\\" not in text:
+        return Path(text)
+    raw = text.encode("utf-8").decode("unicode_escape").encode("latin-1")
+    return Path(os.fsdecode(raw))
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +253,8 @@ def open_table(output: Path, fmt: str = "jsonl", resume: bool = False,
                                 "with --overwrite")
     done = read_done_paths(output, fmt) if exists and resume else set()
     output.parent.mkdir(parents=True, exist_ok=True)
-    handle = output.open("a" if resume else "w", encoding="utf-8", newline="")
+    handle = output.open("a" if resume else "w", encoding="utf-8", newline="",
+                         errors="backslashreplace")  # an error naming a non-UTF-8 file
     header = not (resume and exists and fmt == "csv")
     return handle, RowWriter(handle, fmt, header=header), done
 
@@ -237,37 +268,54 @@ class Decoded:
 
 
 def decode(detector: Detector, found: FoundImage, keep_photo: bool,
-            fast_decode: bool = False) -> Decoded:
-    try:  # reduced JPEG decoding only when no picture at the photo's size is drawn
-        photo = load_image(found.path, draft=detector.geometry.size
-                           if fast_decode and not keep_photo else None)
+           fast_decode: bool = False, picture_max_side: int = report.PICTURE_MAX_SIDE,
+           source: BinaryIO | None = None) -> Decoded:
+    """One file (or its bytes already read, ``source``) -> the network's input and,
+    for pictures, the photo reduced to at most ``picture_max_side`` (its maps then
+    come back at that size); the full-size decode is dropped at once, so a window
+    of photos stays small."""
+    geometry = detector.geometry
+    try:  # decoding at the network's own size only when no picture is drawn
+        photo = load_image(found.path if source is None else source,
+                           name=None if source is None else str(found.path),
+                           draft=geometry.size if fast_decode and not keep_photo
+                           else geometry.decode_floor)
     except ImageReadError as error:
         return Decoded(found, error=error)
-    return Decoded(found, detector.prepare(photo), np.asarray(photo) if keep_photo else None)
+    prepared = detector.prepare(photo)
+    if not keep_photo:
+        return Decoded(found, prepared)
+    small = report.bounded(photo, picture_max_side)
+    del photo
+    return Decoded(found, replace(prepared, size=(small.height, small.width)), np.asarray(small))
 
 
 def _decoded_in_order(detector: Detector, images: Sequence[FoundImage], keep_photo: bool,
-                      workers: int, window: int, fast_decode: bool = False
+                      workers: int, window: int, settings: InspectionSettings
                       ) -> Iterator[Decoded]:
     """Decode in a thread pool, at most ``window`` images ahead, yielding in input order."""
+    def submit(found: FoundImage) -> Future[Decoded]:
+        return pool.submit(decode, detector, found, keep_photo, settings.fast_decode,
+                           settings.picture_max_side)
+
     with ThreadPoolExecutor(max_workers=max(1, workers),
                             thread_name_prefix="anomap-decode") as pool:
         pending: deque[Future[Decoded]] = deque()
         queue = iter(images)
         for found in queue:
-            pending.append(pool.submit(decode, detector, found, keep_photo, fast_decode))
+            pending.append(submit(found))
             if len(pending) >= window:
                 break
         while pending:
             yield pending.popleft().result()
             for found in queue:
-                pending.append(pool.submit(decode, detector, found, keep_photo, fast_decode))
+                pending.append(submit(found))
                 break
 
 
 def result_row(item: Decoded, prediction: Prediction | None, pictures: Path | None,
          display_range: tuple[float, float]) -> dict[str, Any]:
-    path = str(item.found.path)
+    path = path_text(item.found.path)
     if prediction is None:
         return {"path": path, "score": None, "verdict": "error", "error": str(item.error)}
     row: dict[str, Any] = {"path": path, "score": prediction.score,
@@ -277,9 +325,9 @@ def result_row(item: Decoded, prediction: Prediction | None, pictures: Path | No
         stem = pictures / item.found.relative
         picture = report.overlay(item.photo, prediction.anomaly_map, *display_range,
                                  pred_mask=prediction.mask)
-        row["overlay"] = str(report.save_png(picture, f"{stem}.overlay.png"))
-        row["mask"] = str(report.save_png(prediction.mask.astype(np.uint8) * 255,
-                                          f"{stem}.mask.png"))
+        row["overlay"] = path_text(report.save_png(picture, f"{stem}.overlay.png"))
+        row["mask"] = path_text(report.save_png(prediction.mask.astype(np.uint8) * 255,
+                                                f"{stem}.mask.png"))
     return row
 
 
@@ -299,14 +347,16 @@ class Table:
 class InspectionSettings:
     """How to work through the images: ``batch_size`` per forward pass, ``workers``
     decoding beside the network (Ray: actors), ``pictures`` folder for overlay and
-    mask PNGs, ``fast_decode`` (JPEGs decoded at reduced size where the network is
-    smaller than the photo; not with pictures), a progress bar."""
+    mask PNGs (drawn at most ``picture_max_side`` pixels on a side), ``fast_decode``
+    (JPEGs decoded at reduced size where the network is smaller than the photo; not
+    with pictures), a progress bar."""
 
     batch_size: int = 8
     workers: int = 2
     pictures: Path | None = None
     fast_decode: bool = False
     progress: bool = True
+    picture_max_side: int = report.PICTURE_MAX_SIDE
 
 
 def _log_error(error: ImageReadError) -> None:
@@ -325,7 +375,7 @@ def inspect(detector: Detector, found: Discovery, writer: RowWriter,
     pictures, batch_size = settings.pictures, settings.batch_size
     started = time.perf_counter()
     summary = Summary.of(found)
-    todo = [f for f in found.images if str(f.path) not in skip]
+    todo = [f for f in found.images if path_text(f.path) not in skip]
     summary.already_done = len(found.images) - len(todo)
     bar = tqdm(total=len(todo), unit="img", desc="inspecting", disable=not settings.progress,
                dynamic_ncols=True)
@@ -349,10 +399,12 @@ def inspect(detector: Detector, found: Discovery, writer: RowWriter,
         bar.update(len(chunk))
         chunk.clear()
 
+    writer.write({"path": path_text(path), "score": None, "verdict": IGNORED, "error": reason}
+                 for path, reason in found.ignored if path_text(path) not in skip)
     try:
         for item in _decoded_in_order(detector, todo, pictures is not None, settings.workers,
                                       window=batch_size * 2 + settings.workers,
-                                      fast_decode=settings.fast_decode):
+                                      settings=settings):
             chunk.append(item)
             if (sum(i.error is None for i in chunk) >= batch_size
                     or len(chunk) >= 4 * batch_size):  # a run of bad files: write them too

@@ -131,6 +131,22 @@ def _contour(mask: np.ndarray, thickness: int) -> np.ndarray:
     return mask & ~eroded
 
 
+#: the longest side of a drawn picture (overlay, mask) unless a caller says otherwise:
+#: a 6000 px photo's overlay at its own size costs gigabytes to draw and says no more
+PICTURE_MAX_SIDE = 2048
+
+
+def bounded(photo: Image.Image, max_side: int = PICTURE_MAX_SIDE) -> Image.Image:
+    """``photo`` scaled down (aspect kept) so that its longer side is at most
+    ``max_side``; returned as it is when already within."""
+    width, height = photo.size
+    if max(width, height) <= max_side:
+        return photo
+    scale = max_side / max(width, height)
+    return photo.resize((max(1, round(width * scale)), max(1, round(height * scale))),
+                        Image.BILINEAR)
+
+
 def overlay(
     image: np.ndarray,
     amap: np.ndarray,

@@ -330,7 +330,8 @@ class Detector:
         results: list[Prediction] = []
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            prepared = [self.prepare(load_image(x) if isinstance(x, str | Path) else to_pil(x))
+            prepared = [self.prepare(load_image(x, draft=self.geometry.decode_floor)
+                                     if isinstance(x, str | Path) else to_pil(x))
                         for x in chunk]
             results += self.predict_prepared(
                 prepared, [str(x) if isinstance(x, str | Path) else None for x in chunk])

@@ -19,6 +19,7 @@ beside its graph(s) and ``export.json``.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -228,6 +229,23 @@ def load_position_stats(run_dir: str | Path, config: RunConfig,
                        f"--run {run_dir} --out NEW --map-normalization "
                        f"{config.map_normalization}'")
     return PositionStats.load(path)
+
+
+def run_version(folder: str | Path) -> str:
+    """A short, stable name for exactly this model: the SHA-256 of every file of the
+    run or export folder that decides its answers (configs, weights, calibration,
+    statistics, graphs), so a record can say which version judged each photo."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    decisive = (".json", ".pt", ".onnx", ".xml", ".bin", ".data")
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in decisive
+                       and p.name not in ("history.json", "metrics.json", "last.pt")
+                       and not p.name.startswith(".")):
+        digest.update(str(path.relative_to(folder)).encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:12]
 
 
 def load_calibration(folder: str | Path, fp32_graph: bool = False) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from anomap.data import ImageReadError, load_image
+from anomap.data import ImageReadError
 from anomap.files import save_json
 from anomap.inspection import (
     COLUMNS,
@@ -61,14 +61,11 @@ class _Scorer:
 
             filesystem, where = fs.FileSystem.from_uri(path)
             with filesystem.open_input_stream(where) as stream:
-                photo = load_image(io.BytesIO(stream.read()), name=path)
-        except ImageReadError as error:
-            return Decoded(found, error=error)
+                data = io.BytesIO(stream.read())
         except (OSError, ValueError) as error:
             return Decoded(found, error=ImageReadError(f"{path}: cannot read ({error})",
                                                         "cannot read"))
-        return Decoded(found, self.detector.prepare(photo),
-                        np.asarray(photo) if self.pictures is not None else None)
+        return decode(self.detector, found, self.pictures is not None, source=data)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         paths = [str(p) for p in batch["path"]]

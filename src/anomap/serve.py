@@ -14,6 +14,11 @@ kilobytes is refused, not decoded). Content is sniffed by Pillow, never
 trusted by extension. A bad image fails alone, with a reason; an exception in
 the model fails its batch with a reason and the server goes on. Errors share
 one JSON shape: ``{"error": {"code": ..., "message": ...}}``.
+
+Memory is bounded by a budget (:mod:`anomap.admission`): uploads held, the work of
+decoding and drawing, pictures kept, requests in flight; slow or held clients
+meet deadlines. Metrics are labelled by route template, never by a client's path.
+Without a key, only loopback host names are answered (no DNS rebinding).
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ import ipaddress
 import json
 import logging
 import secrets
+import sys
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -41,14 +47,25 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from anomap import report
-from anomap.data import DEFAULT_MAX_PIXELS, ImageReadError, load_image
+from anomap.admission import (
+    Budget,
+    Pool,
+    Refused,
+    deadline_protocol,
+    resident_bytes,
+    work_bytes,
+)
+from anomap.allocator import return_memory
+from anomap.data import DEFAULT_MAX_PIXELS, ImageReadError, load_image, read_header
 from anomap.run import Detector, Prediction, PreparedImage
 from anomap.runtimes import require
 from anomap.version import __version__
@@ -73,12 +90,31 @@ class ServeSettings:
     batch_window_ms: float = 10.0
     queue_size: int = 256
     picture_url_seconds: float = 300.0
+    #: pictures (overlays, masks) are drawn with their longer side at most this
+    picture_max_side: int = 1024
+    budget: Budget = field(default_factory=Budget)
+    #: the whole process's memory (--memory-budget): when set, ``budget`` is split from it
+    memory_budget_bytes: int | None = None
+    head_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    #: host names the service answers to besides loopback's (--allowed-hosts; "*": any)
+    allowed_hosts: tuple[str, ...] = ()
 
     def check(self) -> None:
         """Refuse to listen beyond this machine without a key."""
         if not is_loopback(self.host) and not self.api_key:
             raise ValueError(f"--host {self.host} reaches beyond this machine: give --api-key "
                              f"KEY (or set {API_KEY_ENV}), which every API call must send")
+
+    def host_allowed(self, host_header: str) -> bool:
+        """Whether a request's ``Host`` may be answered. Without a key or a list,
+        loopback names only: a web page on another site that rebinds its own name
+        to 127.0.0.1 must not reach the API or the test report."""
+        if "*" in self.allowed_hosts or (self.api_key and not self.allowed_hosts):
+            return True
+        name = host_header.rsplit(":", 1)[0] if not host_header.endswith("]") else host_header
+        name = name.strip("[]").lower()
+        return is_loopback(name) or name in {h.lower() for h in self.allowed_hosts}
 
 
 def is_loopback(host: str) -> bool:
@@ -90,12 +126,31 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+#: seconds a client refused for load is told to wait (Retry-After)
+RETRY_AFTER_S = 1
+
+
 class ServiceError(Exception):
-    """An error with an HTTP status and a stable code, answered as JSON."""
+    """An error with an HTTP status and a stable code, answered as JSON; a 503
+    carries Retry-After."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(RETRY_AFTER_S)} if self.status == 503 else None
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(error_body(self.code, self.message), status_code=self.status,
+                            headers=self.headers)
+
+    @classmethod
+    def of(cls, refused: Refused) -> ServiceError:
+        if refused.reason == "busy":
+            return cls(503, "busy", refused.message)
+        return cls(413, "over_budget", refused.message)
 
 
 def error_body(code: str, message: str) -> dict[str, Any]:
@@ -115,13 +170,13 @@ class Batcher:
     """Gathers images from concurrent requests into batches for one Detector."""
 
     def __init__(self, detector: Detector, max_batch: int, window_ms: float,
-                 queue_size: int) -> None:
+                 queue_size: int, on_batch: Any = None) -> None:
         self.detector = detector
         self.max_batch = max(1, max_batch)
         self.window = window_ms / 1000.0
         self.queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=queue_size)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anomap-model")
-        self.batches: list[int] = []  # sizes, for the metrics
+        self.on_batch = on_batch  # hears each batch's size (the metrics)
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -156,7 +211,8 @@ class Batcher:
             jobs = [job for job in jobs if not job.future.done()]  # clients gone
             if not jobs:
                 continue
-            self.batches.append(len(jobs))
+            if self.on_batch is not None:
+                self.on_batch(len(jobs))
             try:
                 predictions = await loop.run_in_executor(
                     self.executor, self.detector.predict_prepared, [j.prepared for j in jobs])
@@ -188,43 +244,89 @@ class ServedModel:
         page = self.source / "report.html" if self.source else None
         return page if page and page.is_file() else None
 
+    def _private_folders(self) -> list[str]:
+        """Absolute folders of this machine that the report and settings may name."""
+        folders = [Path.home(), Path.cwd()]
+        if self.source is not None:
+            folders.append(self.source.resolve().parent)
+        config = self.detector.config
+        if config is not None:
+            folders.append(Path(config.data.root).resolve())
+            folders += [Path(v).resolve().parent for v in config.model.values()
+                        if isinstance(v, str) and Path(v).is_absolute()]
+        # the longest first, so a folder inside another is cut whole
+        return sorted({str(f) for f in folders if str(f) != "/"}, key=len, reverse=True)
+
+    def report_html(self) -> str | None:
+        """The test report with this machine's folders cut from every path in it."""
+        page = self.report
+        if page is None:
+            return None
+        text = page.read_text(encoding="utf-8", errors="replace")
+        for folder in self._private_folders():
+            text = text.replace(folder + "/", "").replace(folder, ".")
+        return text
+
     def describe(self) -> dict[str, Any]:
         config = self.detector.config
         info: dict[str, Any] = {
             "name": self.name, "method": config.method,
             "runtime": self.detector.runtime, "precision": self.detector.precision,
-            "settings": config.model, "geometry": asdict(config.geometry),
+            "settings": _public(config.model), "geometry": asdict(config.geometry),
             "threshold": self.detector.threshold,
             "pixel_threshold": self.detector.pixel_threshold,
             "display_range": list(self.detector.display_range),
             "report": f"/v1/models/{self.name}/report" if self.report else None,
         }
         if self.metrics:
-            info["test_metrics"] = {k: self.metrics.get(k) for k in (
-                "image_auroc", "pixel_auroc", "aupro", "n_images", "data")}
+            info["test_metrics"] = _public({k: self.metrics.get(k) for k in (
+                "image_auroc", "pixel_auroc", "aupro", "n_images", "data")})
         return info
 
 
-class PictureStore:
-    """Short-lived PNGs behind random tokens (``?images=url``); bounded in count."""
+def _public(value: Any) -> Any:
+    """Settings as a client may see them: an absolute path becomes its last name."""
+    if isinstance(value, dict):
+        return {k: _public(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_public(v) for v in value]
+    if isinstance(value, str) and (value.startswith(("/", "~")) or Path(value).is_absolute()):
+        return Path(value).name
+    return value
 
-    def __init__(self, seconds: float, capacity: int = 512) -> None:
-        self.seconds, self.capacity = seconds, capacity
+
+class PictureStore:
+    """Short-lived PNGs behind random tokens (``?images=url``): bounded in bytes and
+    in count, the oldest dropped first; expired ones swept on a timer (:meth:`sweep`)."""
+
+    def __init__(self, seconds: float, capacity_bytes: int, capacity: int = 512) -> None:
+        self.seconds, self.capacity_bytes, self.capacity = seconds, capacity_bytes, capacity
         self.items: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self.bytes = 0
+
+    def _drop_oldest(self) -> None:
+        _, (_, png) = self.items.popitem(last=False)
+        self.bytes -= len(png)
 
     def put(self, png: bytes) -> str:
+        if len(png) > self.capacity_bytes:
+            raise ServiceError(413, "picture_too_large", f"a picture of {len(png):,} bytes "
+                               "does not fit the picture store; ask for images=base64")
         token = secrets.token_urlsafe(18)
         self.items[token] = (time.monotonic() + self.seconds, png)
-        while len(self.items) > self.capacity:
-            self.items.popitem(last=False)
+        self.bytes += len(png)
+        while len(self.items) > self.capacity or self.bytes > self.capacity_bytes:
+            self._drop_oldest()
         return token
 
     def get(self, token: str) -> bytes | None:
-        now = time.monotonic()
-        for key in [k for k, (expiry, _) in self.items.items() if expiry < now]:
-            del self.items[key]
         item = self.items.get(token)
-        return None if item is None else item[1]
+        return None if item is None or item[0] < time.monotonic() else item[1]
+
+    def sweep(self) -> None:
+        now = time.monotonic()
+        while self.items and next(iter(self.items.values()))[0] < now:
+            self._drop_oldest()  # entries are in expiry order: all live equally long
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -256,33 +358,55 @@ def load_models(models: dict[str, Detector | str | Path], runtime: str = "auto",
 
 @dataclass
 class Meters:
-    """The service's Prometheus metrics, in a registry of its own."""
+    """The service's Prometheus metrics, in a registry of its own. Labels come from
+    a fixed set (route templates, model names, stable codes): never a client's text."""
 
     registry: Any = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
-        self.requests = Counter("anomap_requests", "HTTP requests", ["endpoint", "status"],
+        self.requests = Counter("anomap_requests", "HTTP requests", ["route", "status"],
                                 registry=self.registry)
-        self.latency = Histogram("anomap_request_seconds", "request latency", ["endpoint"],
+        self.latency = Histogram("anomap_request_seconds", "request latency", ["route"],
                                  registry=self.registry)
         self.images = Counter("anomap_images", "images answered", ["model", "outcome"],
                               registry=self.registry)
+        self.batch_size = Histogram("anomap_batch_size", "images per forward pass", ["model"],
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        self.refused = Counter("anomap_refused", "requests refused for load",
+                               ["reason"], registry=self.registry)
+        self.in_use = Gauge("anomap_budget_bytes_in_use", "memory budget in use",
+                            ["part"], registry=self.registry)
+
+
+@dataclass
+class Holding:
+    """What one request holds of the budgets, given back when it is answered."""
+
+    upload_bytes: int = 0
+    work_bytes: int = 0
 
 
 @dataclass
 class Limits:
-    """What a request may be: its key, its size, its images; refused with a clear
-    error (:class:`ServiceError`) before any work is spent on it."""
+    """What a request may be: its host, its key, its size, its images, its share of
+    the memory budget; refused with a clear error (:class:`ServiceError`) before any
+    work is spent on it."""
 
     settings: ServeSettings
+    budget: Budget
+
+    def __post_init__(self) -> None:
+        self.uploads_pool = Pool(self.budget.upload_bytes, "upload")
+        self.work = Pool(self.budget.work_bytes, "decoding and drawing")
 
     def check_headers(self, request: Request) -> None:
         settings, path = self.settings, request.url.path
-        if settings.api_key and (path.startswith("/v1/") or path == "/metrics"):
-            given = request.headers.get("x-api-key") or request.headers.get(
-                "authorization", "").removeprefix("Bearer ").strip()
-            if not secrets.compare_digest(given or "", settings.api_key):
-                raise ServiceError(401, "unauthorized", "missing or wrong API key "
+        if not settings.host_allowed(request.headers.get("host", "")):
+            raise ServiceError(421, "host_not_allowed", "this server answers loopback host "
+                               "names only; give --allowed-hosts or --api-key to serve others")
+        if settings.api_key and needs_key(path) and not secrets.compare_digest(
+                _given_key(request), settings.api_key.encode()):
+            raise ServiceError(401, "unauthorized", "missing or wrong API key "
                                    "(send it as X-API-Key or Authorization: Bearer)")
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
@@ -290,33 +414,51 @@ class Limits:
                                f"request of {int(length):,} bytes; the limit is "
                                f"{settings.max_request_bytes:,} (--max-request-bytes)")
 
-    async def read_body(self, request: Request) -> bytes:
-        """The whole body, refused as soon as it passes the limit (chunked uploads too)."""
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.settings.max_request_bytes:
-                raise ServiceError(413, "request_too_large", f"request over the limit of "
-                                   f"{self.settings.max_request_bytes:,} bytes")
-            chunks.append(chunk)
+    async def read_body(self, request: Request, holding: Holding) -> bytes:
+        """The whole body, refused as soon as it passes the request limit or the
+        server's upload budget, or when it takes longer than the body deadline. Each
+        byte is charged twice: the body, and the parts parsed from it."""
+        settings, chunks, size = self.settings, [], 0
+        try:
+            async with asyncio.timeout(settings.body_timeout_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > settings.max_request_bytes:
+                        raise ServiceError(413, "request_too_large", f"request over the limit "
+                                           f"of {settings.max_request_bytes:,} bytes")
+                    self.uploads_pool.try_take(2 * len(chunk))
+                    holding.upload_bytes += 2 * len(chunk)
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise ServiceError(408, "upload_timeout", f"the request's body did not arrive "
+                               f"within {settings.body_timeout_s:g} s") from None
+        except Refused as refused:
+            raise ServiceError.of(refused) from None
+        except ClientDisconnect:
+            raise ServiceError(400, "client_disconnected", "the client went away") from None
         return b"".join(chunks)
 
-    async def uploads(self, request: Request) -> list[tuple[str, bytes]]:
+    async def uploads(self, request: Request, holding: Holding) -> list[tuple[str, bytes]]:
         """(filename, bytes) of each image: multipart files, or one image as the body."""
         settings = self.settings
-        content_type = request.headers.get("content-type", "")
+        content_type = request.headers.get("content-type", "").lower()
         if content_type.startswith("multipart/form-data"):
-            body = await self.read_body(request)
+            body = await self.read_body(request, holding)
 
             async def replay() -> dict[str, Any]:
                 return {"type": "http.request", "body": body, "more_body": False}
 
-            form = await Request(request.scope, replay).form(
+            scope = {**request.scope, "headers": [  # the media type in any case, as the
+                (k, _lower_media_type(v) if k == b"content-type" else v)  # RFC allows
+                for k, v in request.scope["headers"]]}
+            form = await Request(scope, replay).form(
                 max_files=settings.max_images + 1, max_fields=settings.max_images + 16)
             files = [(getattr(v, "filename", None) or f"image{i}", await v.read())
                      for i, (_, v) in enumerate(form.multi_items()) if hasattr(v, "read")]
+            await form.close()
         else:
-            files = [(request.headers.get("x-filename", "image"), await self.read_body(request))]
+            files = [(request.headers.get("x-filename", "image"),
+                      await self.read_body(request, holding))]
         if not files or all(not data for _, data in files):
             raise ServiceError(400, "no_image", "send images as multipart files (field "
                                "'files') or one image as the raw body")
@@ -325,19 +467,66 @@ class Limits:
                                f"{settings.max_images} per request (--max-images)")
         return files
 
-    def decode(self, detector: Detector, filename: str, data: bytes
-               ) -> tuple[PreparedImage, np.ndarray] | dict[str, str]:
-        """One upload -> the network's input and the photo, or the error to answer."""
+    def measure(self, filename: str, data: bytes) -> tuple[int, int] | dict[str, str]:
+        """An upload's (width, height) from its header, or the error to answer."""
         if len(data) > self.settings.max_image_bytes:
             return {"code": "image_too_large", "message": f"{filename}: {len(data):,} bytes; "
                     f"the limit is {self.settings.max_image_bytes:,} per image "
                     "(--max-image-bytes)"}
         try:
-            photo = load_image(io.BytesIO(data), self.settings.max_pixels, name=filename)
+            return read_header(io.BytesIO(data), self.settings.max_pixels, name=filename)
         except ImageReadError as error:
-            code = {"over pixel limit": "too_many_pixels"}.get(error.reason, "not_an_image")
-            return {"code": code, "message": str(error)}
-        return detector.prepare(photo), np.asarray(photo)
+            return _read_error(error)
+
+    def decode(self, detector: Detector, filename: str, data: bytes, pictures: bool
+               ) -> tuple[PreparedImage, np.ndarray | None] | dict[str, str]:
+        """One upload -> the network's input (from the photo at full size, as
+        ``predict`` reads it) and, when pictures are asked for, the photo reduced to
+        the picture size; its maps come back at that size."""
+        try:
+            photo = load_image(io.BytesIO(data), self.settings.max_pixels, name=filename,
+                               draft=detector.geometry.decode_floor)
+        except ImageReadError as error:
+            return _read_error(error)
+        prepared = detector.prepare(photo)
+        if not pictures:
+            return prepared, None
+        small = report.bounded(photo, self.settings.picture_max_side)
+        del photo
+        return replace(prepared, size=(small.height, small.width)), np.asarray(small)
+
+    async def give_back(self, holding: Holding) -> None:
+        await self.uploads_pool.give(holding.upload_bytes)
+        await self.work.give(holding.work_bytes)
+        holding.upload_bytes = holding.work_bytes = 0
+
+
+def _lower_media_type(value: bytes) -> bytes:
+    """``Multipart/Form-Data; boundary=AbC`` -> ``multipart/form-data; boundary=AbC``
+    (the boundary keeps its case)."""
+    media_type, sep, parameters = value.partition(b";")
+    return media_type.strip().lower() + sep + parameters
+
+
+def _read_error(error: ImageReadError) -> dict[str, str]:
+    code = {"over pixel limit": "too_many_pixels"}.get(error.reason, "not_an_image")
+    return {"code": code, "message": str(error)}
+
+
+def needs_key(path: str) -> bool:
+    """Routes a key guards: the API, the metrics and the API's schema (the page and
+    the health probes are open)."""
+    return path.startswith("/v1/") or path in ("/metrics", "/openapi.json")
+
+
+def _given_key(request: Request) -> bytes:
+    """The key a request sent, as raw bytes (any header byte compares safely):
+    X-API-Key, or Authorization with the Bearer scheme in any case."""
+    given = request.headers.get("x-api-key")
+    if given is None:
+        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+        given = token.strip() if scheme.lower() == "bearer" else ""
+    return given.encode("latin-1", errors="replace")  # headers arrive decoded as latin-1
 
 
 def _add_error_handlers(app: Any) -> None:
@@ -345,7 +534,7 @@ def _add_error_handlers(app: Any) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, error: ServiceError) -> JSONResponse:
-        return JSONResponse(error_body(error.code, error.message), status_code=error.status)
+        return error.response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -360,33 +549,59 @@ def _add_error_handlers(app: Any) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
         log.exception("unexpected error")
-        return JSONResponse(error_body("internal_error", f"{type(error).__name__}: {error}"),
-                            status_code=500)
+        return JSONResponse(error_body("internal_error", "the server failed on this request "
+                                       "(its log has the details)"), status_code=500)
 
 
-def _add_guard(app: Any, limits: Limits, meters: Meters) -> None:
-    """The API key, the request-size limit and the metrics, for every call."""
+#: routes not counted as in flight: the probes must answer while the server is busy
+_ALWAYS_ANSWERED = ("/healthz", "/readyz", "/metrics")
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next: Any) -> Response:
-        path = request.url.path
-        endpoint = ("predict" if path.endswith("/predict") else path.split("/")[2]
-                    if path.startswith("/v1/") and len(path.split("/")) > 2 else path)
-        started = time.perf_counter()
+
+class Guard:
+    """ASGI middleware around every call: the host, the key and the request-size
+    limit, the cap on requests in flight (503 with Retry-After past it), and the
+    metrics, labelled by the route's template (``/v1/models/{name}/predict``), so
+    that no client's path ever becomes a label."""
+
+    def __init__(self, app: Any, limits: Limits, meters: Meters) -> None:
+        self.app, self.limits, self.meters = app, limits, meters
+        self.in_flight = 0
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), [500]
+
+        async def send_noting_status(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        counted = scope["path"] not in _ALWAYS_ANSWERED
         try:
-            limits.check_headers(request)
-            response = await call_next(request)
+            self.limits.check_headers(Request(scope))
+            if counted and self.in_flight >= self.limits.budget.max_in_flight:
+                self.meters.refused.labels("in_flight").inc()
+                raise ServiceError(503, "busy", f"{self.in_flight} requests in flight, the "
+                                   "server's limit; retry shortly")
+            self.in_flight += counted
+            try:
+                await self.app(scope, receive, send_noting_status)
+            finally:
+                self.in_flight -= counted
         except ServiceError as error:
-            response = JSONResponse(error_body(error.code, error.message),
-                                    status_code=error.status)
-        meters.requests.labels(endpoint, str(response.status_code)).inc()
-        meters.latency.labels(endpoint).observe(time.perf_counter() - started)
-        return response
+            await error.response()(scope, receive, send_noting_status)
+        route = getattr(scope.get("route"), "path", "unmatched")
+        self.meters.requests.labels(route, str(status[0])).inc()
+        self.meters.latency.labels(route).observe(time.perf_counter() - started)
 
 
 @dataclass
 class _Answering:
-    """What one predict request asked for, and how to answer each of its images."""
+    """What one predict request asked for, and how to answer each of its images.
+    Pictures are drawn one at a time (``drawing``): the request's work budget holds
+    one picture's memory."""
 
     model: ServedModel
     meters: Meters
@@ -394,6 +609,7 @@ class _Answering:
     overlay: bool
     mask: bool
     as_url: bool
+    drawing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def picture(self, png: bytes) -> str:
         return (f"/v1/pictures/{self.pictures.put(png)}" if self.as_url
@@ -417,13 +633,18 @@ class _Answering:
         result.update(ok=True, score=prediction.score, verdict=prediction.verdict,
                       threshold=prediction.threshold,
                       pixel_threshold=prediction.pixel_threshold)
+        if photo is None:
+            return result
         vmin, vmax = self.model.detector.display_range
-        if self.overlay:
-            drawn = await run_in_threadpool(report.overlay, photo, prediction.anomaly_map,
-                                            vmin, vmax, pred_mask=prediction.mask)
-            result["overlay_png"] = self.picture(await run_in_threadpool(_png, drawn))
-        if self.mask:
-            result["mask_png"] = self.picture(_png(prediction.mask.astype(np.uint8) * 255))
+        async with self.drawing:
+            if self.overlay:
+                drawn = await run_in_threadpool(report.overlay, photo, prediction.anomaly_map,
+                                                vmin, vmax, pred_mask=prediction.mask)
+                result["overlay_png"] = self.picture(await run_in_threadpool(_png, drawn))
+                del drawn
+            if self.mask:
+                result["mask_png"] = self.picture(await run_in_threadpool(
+                    _png, prediction.mask.astype(np.uint8) * 255))
         return result
 
 
@@ -467,10 +688,10 @@ def _add_routes(app: Any, served: dict[str, ServedModel], limits: Limits, meters
 
     @app.get("/v1/models/{name}/report")
     async def model_report(name: str) -> HTMLResponse:
-        page = model_named(name).report
+        page = await run_in_threadpool(model_named(name).report_html)
         if page is None:
             raise ServiceError(404, "no_report", f"model {name!r} has no test report")
-        return HTMLResponse(page.read_text())
+        return HTMLResponse(page)
 
     @app.get("/v1/pictures/{token}")
     async def get_picture(token: str) -> Response:
@@ -483,30 +704,56 @@ def _add_routes(app: Any, served: dict[str, ServedModel], limits: Limits, meters
     async def predict(name: str, request: Request, overlay: bool = False, mask: bool = False,
                       images: str = "base64") -> JSONResponse:
         """One or several images -> per image: score, verdict, thresholds; with
-        ``overlay``/``mask`` the heat-map overlay and the defect mask as PNG,
-        base64 in the JSON (``images=base64``) or short-lived URLs (``images=url``)."""
+        ``overlay``/``mask`` the heat-map overlay and the defect mask as PNG (at most
+        ``picture_max_side`` pixels on a side), base64 in the JSON (``images=base64``)
+        or short-lived URLs (``images=url``)."""
         model = model_named(name)
         if images not in ("base64", "url"):
             raise ServiceError(422, "invalid_request", "images must be base64 or url")
-        files = await limits.uploads(request)
-        loop = asyncio.get_running_loop()
-        decoded = await asyncio.gather(*(loop.run_in_executor(
-            decode_pool, limits.decode, model.detector, filename, data)
-            for filename, data in files))
-        answering = _Answering(model, meters, pictures, overlay, mask, images == "url")
-        results = list(await asyncio.gather(*(
-            answering.answer(i, f, item)
-            for i, ((f, _), item) in enumerate(zip(files, decoded, strict=True)))))
+        holding, loop = Holding(), asyncio.get_running_loop()
+        try:
+            files = await limits.uploads(request, holding)
+            sizes = await asyncio.gather(*(loop.run_in_executor(
+                decode_pool, limits.measure, filename, data) for filename, data in files))
+            wants = overlay or mask
+            side = limits.settings.picture_max_side
+            cost = work_bytes([w * h for w, h in (s for s in sizes if isinstance(s, tuple))],
+                              side * side if wants else 0)
+            try:
+                await limits.work.take(cost, limits.budget.wait_s)
+            except Refused as refused:
+                meters.refused.labels(f"work_{refused.reason}").inc()
+                raise ServiceError.of(refused) from None
+            holding.work_bytes = cost
+            decoded = await asyncio.gather(*(
+                loop.run_in_executor(decode_pool, limits.decode, model.detector, filename,
+                                     data, wants) if isinstance(size, tuple)
+                else _done(size) for (filename, data), size in zip(files, sizes, strict=True)))
+            names = [filename for filename, _ in files]
+            del files  # the uploads' bytes are no longer needed
+            answering = _Answering(model, meters, pictures, overlay, mask, images == "url")
+            results = list(await asyncio.gather(*(
+                answering.answer(i, filename, item)
+                for i, (filename, item) in enumerate(zip(names, decoded, strict=True)))))
+        finally:
+            await limits.give_back(holding)
         body = {"model": name, "results": results}
         if not any(r["ok"] for r in results):
             first = results[0]["error"]
+            status = _answer_status(results)
             return JSONResponse({**error_body(first["code"], first["message"]), **body},
-                                status_code=_answer_status(results))
+                                status_code=status,
+                                headers={"Retry-After": str(RETRY_AFTER_S)}
+                                if status == 503 else None)
         return JSONResponse(body)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(resources.files("anomap").joinpath("web/index.html").read_text())
+
+
+async def _done(value: Any) -> Any:
+    return value
 
 
 def create_app(models: dict[str, Detector | str | Path], settings: ServeSettings | None = None,
@@ -515,29 +762,65 @@ def create_app(models: dict[str, Detector | str | Path], settings: ServeSettings
     exports replay their probe first (``probe``: see :meth:`Detector.load`)."""
     settings = settings or ServeSettings()
     served = load_models(models, runtime, device, probe)
+    models_bytes = resident_bytes()
+    budget = (settings.budget if settings.memory_budget_bytes is None else Budget.from_total(
+        settings.memory_budget_bytes, models_bytes, max_in_flight=settings.budget.max_in_flight,
+        wait_s=settings.budget.wait_s))
     meters = Meters()
+    limits = Limits(settings, budget)
+    pictures = PictureStore(settings.picture_url_seconds, budget.picture_store_bytes)
+    meters.in_use.labels("upload").set_function(lambda: limits.uploads_pool.used)
+    meters.in_use.labels("work").set_function(lambda: limits.work.used)
+    meters.in_use.labels("pictures").set_function(lambda: pictures.bytes)
     decode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="anomap-decode")
+
+    async def sweep() -> None:
+        """Expired pictures out, and freed memory back to the system when idle."""
+        trimmed = True
+        while True:
+            await asyncio.sleep(1.0)
+            pictures.sweep()
+            idle = limits.work.used == 0 and limits.uploads_pool.used == 0
+            if idle and not trimmed:
+                await run_in_threadpool(return_memory)
+            trimmed = idle
 
     async def lifespan(app: Any):  # noqa: ANN202 - FastAPI's lifespan protocol
         for model in served.values():
             model.batcher = Batcher(model.detector, settings.max_batch,
-                                    settings.batch_window_ms, settings.queue_size)
+                                    settings.batch_window_ms, settings.queue_size,
+                                    on_batch=meters.batch_size.labels(model.name).observe)
             model.batcher.start()
+        sweeper = asyncio.get_running_loop().create_task(sweep())
         yield
+        sweeper.cancel()
         for model in served.values():
             if model.batcher is not None:
                 await model.batcher.stop()
         decode_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="anomap", version=__version__, lifespan=lifespan,
-                  description="Anomaly scores, verdicts and heat maps from trained anomap "
-                              "models. API v1.")
-    limits = Limits(settings)
+    # no /docs page: it would load its scripts from a CDN (blank on an offline PC);
+    # /openapi.json is served, behind the key
+    app = FastAPI(title="anomap", version=__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None, description="Anomaly scores, verdicts and heat maps from "
+                                              "trained anomap models. API v1.")
     _add_error_handlers(app)
-    _add_guard(app, limits, meters)
-    _add_routes(app, served, limits, meters, PictureStore(settings.picture_url_seconds),
-                decode_pool)
+    app.add_middleware(Guard, limits=limits, meters=meters)
+    _add_routes(app, served, limits, meters, pictures, decode_pool)
+    app.state.limits, app.state.pictures = limits, pictures
+    app.state.budget_line = budget.describe(models_bytes)
     return app
+
+
+def server_options(settings: ServeSettings, port: int | None = None,
+                   log_level: str = "warning") -> dict[str, Any]:
+    """uvicorn's options (``uvicorn.run(app, **options)``): the head deadline at the
+    connection, and connections beyond four per request in flight answered by
+    uvicorn's own 503."""
+    return {"host": settings.host, "port": settings.port if port is None else port,
+            "log_level": log_level, "timeout_keep_alive": 5,
+            "http": deadline_protocol(settings.head_timeout_s),
+            "limit_concurrency": 4 * settings.budget.max_in_flight + 16}
 
 
 def serve(models: dict[str, str | Path], settings: ServeSettings, runtime: str = "auto",
@@ -546,5 +829,5 @@ def serve(models: dict[str, str | Path], settings: ServeSettings, runtime: str =
     uvicorn = require("uvicorn")
     settings.check()
     app = create_app(models, settings, runtime, device, probe)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
-                timeout_keep_alive=5)
+    print(f"anomap serve: {app.state.budget_line}", file=sys.stderr, flush=True)
+    uvicorn.run(app, **server_options(settings))

@@ -1,0 +1,213 @@
+"""`anomap watch` on the line: photos arriving in a folder are judged exactly once
+across SIGKILLs, never half-written, every verdict kept in the record (which equals
+`predict`'s rows); drift is noticed within its window and not before; `anomap
+history` queries and exports the record."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance
+
+from anomap.cli import main
+from anomap.record import Query, Record
+from anomap.run import Detector
+from anomap.watch import DriftMonitor, StationSettings, open_station
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _watcher(folder: Path, run: Path, record: str, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "anomap", "watch", str(folder), "--run", str(run), "--device",
+         "cpu", "--record", record, "--station", "line1", *extra],
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _photos(toy_data: Path) -> list[Path]:
+    return sorted((toy_data / "test").rglob("*.png"))
+
+
+def test_photos_arriving_at_20_per_second_through_two_kills_are_judged_exactly_once(
+        trained_run: Path, toy_data: Path, tmp_path: Path) -> None:
+    folder, url = tmp_path / "inbox", f"sqlite:///{tmp_path / 'record.db'}"
+    folder.mkdir()
+    sources = _photos(toy_data)
+    arrived: list[Path] = []
+    watcher = _watcher(folder, trained_run, url)
+    kills_at = {70, 140}  # photos arrived when the watcher is killed, then restarted
+    for index in range(200):  # 10 s at 20 photos/s
+        target = folder / f"cam_{index:04d}.png"
+        shutil.copyfile(sources[index % len(sources)], target)
+        arrived.append(target)
+        if index in kills_at:
+            watcher.send_signal(signal.SIGKILL)
+            watcher.wait(timeout=30)
+            watcher = _watcher(folder, trained_run, url)
+        time.sleep(0.05)
+    watcher.send_signal(signal.SIGTERM)
+    watcher.wait(timeout=60)
+    # photos that came while it was down, or after: judged at the next start
+    final = _watcher(folder, trained_run, url, "--stop-when-idle", "2")
+    assert final.wait(timeout=240) == 0, final.stderr.read()[-2000:]
+    record = Record(url)
+    rows = list(record.rows())
+    record.close()
+    paths = [row["path"] for row in rows]
+    assert len(paths) == len(set(paths)) == len(arrived), "each photo exactly once"
+    assert set(paths) == {str(p) for p in arrived}
+    expected = {str(p): prediction for p, prediction in zip(
+        arrived, Detector.load(trained_run, "cpu").predict(arrived), strict=True)}
+    for row in rows:
+        assert row["verdict"] == expected[row["path"]].verdict
+        assert row["score"] == pytest.approx(expected[row["path"]].score, rel=1e-5)
+        assert row["station"] == "line1" and row["model_version"]
+
+
+def _station(run: Path, folder: Path, tmp_path: Path, **settings: object):
+    return open_station(run, StationSettings(
+        folders=(folder,), record_url=f"sqlite:///{tmp_path / 'record.db'}",
+        stop_when_idle_s=None, **settings), device="cpu")
+
+
+def test_a_photo_written_slowly_in_chunks_is_never_judged_half_written(
+        trained_run: Path, toy_data: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    station = _station(trained_run, folder, tmp_path, settle_s=0.25, batch_size=1)
+    stop = threading.Event()
+    thread = threading.Thread(target=station.run, args=(stop,))
+    thread.start()
+    source = (toy_data / "test" / "good" / "000.png").read_bytes()
+    with open(folder / "slow.png", "wb") as handle:
+        for start in range(0, len(source), 2000):
+            handle.write(source[start:start + 2000])
+            handle.flush()
+            # mostly inside the settle time; once a pause past it (a stalled copy)
+            time.sleep(0.6 if start == 4000 else 0.08)
+    deadline = time.monotonic() + 30
+    while station.judged < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    stop.set()
+    thread.join(timeout=30)
+    rows = list(Record(station.settings.url()).rows())
+    assert len(rows) == 1 and rows[0]["verdict"] in ("pass", "fail")
+    expected = Detector.load(trained_run, "cpu").predict(folder / "slow.png")[0]
+    assert rows[0]["score"] == pytest.approx(expected.score, rel=1e-5)
+    assert rows[0]["size"] == len(source)
+
+
+def test_drift_is_noticed_within_its_window_and_not_before(
+        trained_run: Path, toy_data: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    window = 20
+    station = _station(trained_run, folder, tmp_path, batch_size=1, drift_window=window)
+    goods = sorted((toy_data / "test" / "good").glob("*.png"))
+    alarms_at: list[int] = []
+    for index in range(2 * window):
+        photo = Image.open(goods[index % len(goods)]).convert("RGB")
+        if index >= window:  # new lighting from here on
+            photo = ImageEnhance.Brightness(photo).enhance(1.8)
+        path = folder / f"{index:03d}.png"
+        photo.save(path)
+        station.scan()
+        ready = [c for c in station.pending.values() if c.path == path]
+        station.judge(ready)
+        if station.drift.drifting and not alarms_at:
+            alarms_at.append(index)
+    events = station.record.drift("station")
+    assert alarms_at and window <= alarms_at[0] < 2 * window, alarms_at
+    assert events and events[0]["state"] == "drift"
+    evidence = json.loads(events[0]["evidence"])
+    assert evidence["recent_median"] > evidence["normal_median"]
+
+
+def test_the_drift_test_stays_quiet_on_normal_scores() -> None:
+    rng = np.random.default_rng(0)
+    monitor = DriftMonitor(rng.normal(1.0, 0.1, 50), threshold=1.3, window=50)
+    changes = [monitor.update(list(rng.normal(1.0, 0.1, 10))) for _ in range(100)]
+    assert not any(changes)  # 1000 normal photos: no alarm
+    shifted = [monitor.update(list(rng.normal(1.15, 0.1, 10))) for _ in range(5)]
+    assert any(c and c["state"] == "drift" for c in shifted)
+
+
+def test_history_queries_and_exports_the_record(trained_run: Path, toy_data: Path,
+                                                tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "inbox"
+    shutil.copytree(toy_data / "test", folder)
+    sorted_to = tmp_path / "sorted"
+    assert main(["watch", str(folder), "--run", str(trained_run), "--device", "cpu",
+                 "--stop-when-idle", "1", "--copy-to", str(sorted_to)]) == 0
+    capsys.readouterr()
+    rows = list(Record(f"sqlite:///{folder / '.anomap' / 'record.db'}").rows())
+    fails = [r for r in rows if r["verdict"] == "fail"]
+    assert len(rows) == len(_photos(toy_data)) and fails
+    assert len(list((sorted_to / "fail").rglob("*.png"))) == len(fails)
+    out = tmp_path / "fails.csv"
+    assert main(["history", "--folder", str(folder), "--verdict", "fail", "--output",
+                 str(out)]) == 0
+    assert len(out.read_text().splitlines()) == len(fails) + 1
+    parquet = tmp_path / "all.parquet"
+    assert main(["history", "--folder", str(folder), "--format", "parquet", "--output",
+                 str(parquet)]) == 0
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(parquet).num_rows == len(rows)
+    high = min(r["score"] for r in fails)
+    record = Record(f"sqlite:///{folder / '.anomap' / 'record.db'}")
+    assert len(list(record.rows(Query(min_score=high)))) >= len(fails)
+
+
+POSTGRES = os.environ.get("ANOMAP_TEST_POSTGRES_URL")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def record_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'shared.db'}"
+    if not POSTGRES:
+        pytest.skip("no PostgreSQL: .ci/run starts Debian's and sets ANOMAP_TEST_POSTGRES_URL")
+    return POSTGRES
+
+
+def test_two_stations_share_one_record_and_a_restart_judges_nothing_twice(
+        trained_run: Path, toy_data: Path, tmp_path: Path, record_url: str) -> None:
+    import uuid
+
+    photos = _photos(toy_data)
+    run_id = uuid.uuid4().hex[:8]  # a shared server keeps earlier runs' rows
+    names = [f"line{n}-{run_id}" for n in (1, 2)]
+    for name in names:
+        folder = tmp_path / name
+        folder.mkdir()
+        for photo in photos[:6]:
+            shutil.copy(photo, folder / photo.name)
+    for turn in range(2):  # the second pass is a restart: nothing new to judge
+        for name in names:
+            station = open_station(trained_run, StationSettings(
+                folders=(tmp_path / name,), station=name, record_url=record_url,
+                stop_when_idle_s=0.3), device="cpu")
+            judged = station.run()
+            assert judged == (6 if turn == 0 else 0)
+    record = Record(record_url)
+    for name in names:
+        rows = list(record.rows(Query(station=name)))
+        assert len(rows) == 6 and {Path(r["path"]).name for r in rows} == {
+            p.name for p in photos[:6]}
+    assert all(r["verdict"] in ("pass", "fail") for r in record.rows(Query(station=names[0])))
+    record.close()
