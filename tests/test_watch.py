@@ -211,3 +211,68 @@ def test_two_stations_share_one_record_and_a_restart_judges_nothing_twice(
             p.name for p in photos[:6]}
     assert all(r["verdict"] in ("pass", "fail") for r in record.rows(Query(station=names[0])))
     record.close()
+
+
+def test_feedback_proposes_then_applies_only_when_confirmed_and_undoes(
+        trained_run: Path, toy_data: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "line7"
+    shutil.copytree(toy_data / "test", folder)
+    settings = StationSettings(folders=(folder,), station="line7", stop_when_idle_s=0.3)
+    open_station(trained_run, settings, device="cpu").run()
+    record = Record(settings.url())
+    fails = sorted((r for r in record.rows() if r["verdict"] == "fail"),
+                   key=lambda r: r["score"])
+    cleared = fails[0]  # the operator: "that was not a defect"
+    assert main(["history", "--folder", str(folder), "--mark", str(cleared["id"]),
+                 "not_a_defect", "--note", "a reflection", "--who", "op1"]) == 0
+    argv = ["retune", "--run", str(trained_run), "--feedback", "--folder", str(folder)]
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    assert "confirm with --apply" in said and "1 fails would pass" in said
+    assert record.threshold("line7", cleared["model_version"]) is None  # nothing yet
+    assert main([*argv, "--apply", "--who", "op1", "--why", "reflections"]) == 0
+    new = record.threshold("line7", cleared["model_version"])
+    assert new > cleared["score"] > cleared["threshold"]
+    change = record.threshold_history("line7", cleared["model_version"])[-1]
+    assert (change["who"], change["why"], change["old"]) == ("op1", "reflections",
+                                                            cleared["threshold"])
+
+    def judged_again(name: str) -> dict:
+        shutil.copy(folder / Path(cleared["path"]).relative_to(folder), folder / name)
+        open_station(trained_run, settings, device="cpu").run()
+        return next(r for r in Record(settings.url()).rows() if r["path"].endswith(name))
+
+    again = judged_again("again.png")
+    assert again["verdict"] == "pass" and again["threshold"] == pytest.approx(new)
+    assert main(["retune", "--run", str(trained_run), "--undo", "--folder", str(folder)]) == 0
+    assert record.threshold("line7", cleared["model_version"]) == cleared["threshold"]
+    assert judged_again("after_undo.png")["verdict"] == "fail"
+    assert len(record.threshold_history("line7", cleared["model_version"])) == 2  # both kept
+
+
+def test_an_older_record_is_migrated_when_opened(tmp_path: Path) -> None:
+    from importlib import resources
+
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine, text
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = create_engine(url)
+    config = Config()
+    config.set_main_option("script_location",
+                           str(resources.files("anomap").joinpath("migrations")))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")  # the first schema, as an older anomap left it
+        connection.execute(text(
+            "INSERT INTO inspections (station, path, size, mtime_ns, judged_at, verdict, "
+            "action_done) VALUES ('s', 'a.png', 1, 2, '2026-12-01 08:00:00', 'pass', 0)"))
+    engine.dispose()
+    record = Record(url)  # upgraded to this version's schema on opening
+    (row,) = list(record.rows())
+    assert row["path"] == "a.png" and row["feedback_by"] is None
+    record.add_feedback(row["id"], "missed_defect", who="op2")
+    assert list(record.rows())[0]["feedback"] == "missed_defect"
+    assert record.threshold("s", "v") is None

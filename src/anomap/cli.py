@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         "retune", help="copy a trained run with other map/score options and a recalibrated "
                        "threshold (no retraining)")
     retune.add_argument("--run", required=True, type=Path, help="the trained run")
-    retune.add_argument("--out", required=True, type=Path, help="the new run folder")
+    retune.add_argument("--out", type=Path, help="the new run folder (not with --feedback)")
     _add_method_args(retune, inference=True)
     _add_calibration_args(retune, retuning=True)
     retune.add_argument("--device", default="auto")
@@ -246,6 +246,21 @@ def build_parser() -> argparse.ArgumentParser:
     retune.add_argument("--test", action="store_true", help="run 'anomap test' afterwards")
     retune.add_argument("--no-progress", action="store_true")
     _add_max_pixels_arg(retune)
+    marks = retune.add_argument_group(
+        "operator feedback (docs/line.md): a station's threshold from its record's marks")
+    marks.add_argument("--feedback", action="store_true",
+                       help="propose a threshold from the held-out normals and the photos "
+                            "marked in the record, and say what it would have flipped")
+    marks.add_argument("--record", metavar="URL", help="the record's database URL")
+    marks.add_argument("--folder", type=Path, metavar="DIR",
+                       help="a watched folder: its record (DIR/.anomap/record.db)")
+    marks.add_argument("--station", help="the station (default: the folder's name)")
+    marks.add_argument("--apply", action="store_true",
+                       help="confirm: keep the proposal as the station's threshold")
+    marks.add_argument("--undo", action="store_true",
+                       help="take back the station's last threshold change")
+    marks.add_argument("--who", default=os.environ.get("USER"), help="kept with the change")
+    marks.add_argument("--why", help="kept with the change")
 
     predict = commands.add_parser("predict", help="score new images")
     predict.add_argument("--run", required=True, type=Path)
@@ -386,6 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--model", help="a model's name or version")
     history.add_argument("--station")
     history.add_argument("--drift", action="store_true", help="the drift warnings instead")
+    history.add_argument("--mark", nargs=2, metavar=("ID", "KIND"),
+                         help="an operator's word on inspection ID: not_a_defect or "
+                              "missed_defect (then: anomap retune --feedback)")
+    history.add_argument("--note", help="with --mark: a note kept with it")
+    history.add_argument("--who", default=os.environ.get("USER"), help="with --mark")
     history.add_argument("--format", default="csv", choices=["csv", "jsonl", "parquet"])
     history.add_argument("--output", type=Path, help="file to write (default: CSV to stdout)")
 
@@ -541,7 +561,40 @@ def cmd_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retune_feedback(args: argparse.Namespace) -> int:
+    from anomap import feedback
+    from anomap.record import Record, default_url
+    from anomap.runfolder import run_version
+
+    if not (args.record or args.folder):
+        raise ValueError("--feedback needs the record: --record URL or --folder DIR")
+    station = args.station or (args.folder.resolve().name if args.folder else None)
+    if station is None:
+        raise ValueError("--feedback with --record needs --station NAME")
+    record = Record(args.record or default_url(args.folder / ".anomap"))
+    try:
+        if args.undo:
+            undone = record.undo_threshold(station, run_version(args.run), args.who)
+            print(f"undone: change {undone['id']} ({undone['old']:.6g} -> "
+                  f"{undone['new']:.6g}); the threshold is {undone['old']:.6g} again")
+            return 0
+        proposal = feedback.propose(record, station, args.run)
+        print(proposal.describe())
+        if args.apply and proposal.changes:
+            change = feedback.apply(record, proposal, args.who, args.why)
+            print(f"applied as change {change}: the station's watcher takes it at once")
+        elif proposal.changes:
+            print("nothing changed: confirm with --apply")
+    finally:
+        record.close()
+    return 0
+
+
 def cmd_retune(args: argparse.Namespace) -> int:
+    if args.feedback or args.undo:
+        return cmd_retune_feedback(args)
+    if args.out is None:
+        raise ValueError("retune needs --out NEW_RUN (or --feedback for a station)")
     from anomap.calibrate import retune
     from anomap.evaluate import evaluate_run
     from anomap.run import LoadSettings
@@ -701,6 +754,10 @@ def cmd_history(args: argparse.Namespace) -> int:
 
     record = Record(args.record or default_url(args.folder / ".anomap"))
     try:
+        if args.mark:
+            record.add_feedback(int(args.mark[0]), args.mark[1], args.note, args.who)
+            print(f"inspection {args.mark[0]}: marked {args.mark[1]}", file=sys.stderr)
+            return 0
         if args.drift:
             rows = record.drift(args.station)
             for row in rows:

@@ -70,6 +70,8 @@ inspections = Table(
     Column("action_done", Boolean, nullable=False, default=False),
     Column("feedback", String(32)),
     Column("feedback_note", Text),
+    Column("feedback_at", DateTime(timezone=True)),
+    Column("feedback_by", String(200)),
     UniqueConstraint("station", "path", "size", "mtime_ns", name="uq_inspections_photo"),
 )
 
@@ -85,9 +87,26 @@ drift_events = Table(
     Column("evidence", Text),  # JSON: the test, the medians, the share over the threshold
 )
 
+threshold_changes = Table(
+    "threshold_changes", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("station", String(200), nullable=False),
+    Column("model_version", String(64), nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("who", String(200)),
+    Column("old", Float, nullable=False),
+    Column("new", Float, nullable=False),
+    Column("why", Text),
+    Column("undoes", Integer),  # the change this one takes back, if it is an undo
+)
+
+#: what an operator may say of a verdict
+FEEDBACK = ("not_a_defect", "missed_defect")
+
 #: the columns ``anomap history`` writes, in order
-HISTORY_COLUMNS = ("judged_at", "station", "path", "score", "verdict", "threshold", "model",
-                   "model_version", "latency_ms", "overlay", "error", "feedback")
+HISTORY_COLUMNS = ("id", "judged_at", "station", "path", "score", "verdict", "threshold",
+                   "model", "model_version", "latency_ms", "overlay", "error", "feedback",
+                   "feedback_note")
 
 
 def now() -> dt.datetime:
@@ -203,6 +222,55 @@ class Record:
             query = query.where(drift_events.c.station == station)
         with self.engine.connect() as connection:
             return [dict(row._mapping) for row in connection.execute(query)]
+
+    def add_feedback(self, inspection_id: int, mark: str, note: str | None = None,
+                     who: str | None = None) -> None:
+        """An operator's word on one verdict: ``not_a_defect`` or ``missed_defect``."""
+        if mark not in FEEDBACK:
+            raise ValueError(f"feedback {mark!r}: choose one of {', '.join(FEEDBACK)}")
+        with self.engine.begin() as connection:
+            done = connection.execute(inspections.update().where(
+                inspections.c.id == inspection_id).values(
+                feedback=mark, feedback_note=note, feedback_at=now(), feedback_by=who))
+            if done.rowcount != 1:
+                raise ValueError(f"no inspection {inspection_id} in the record")
+
+    def threshold_history(self, station: str, model_version: str) -> list[dict[str, Any]]:
+        table = threshold_changes
+        query = select(table).where((table.c.station == station)
+                                    & (table.c.model_version == model_version)
+                                    ).order_by(table.c.id)
+        with self.engine.connect() as connection:
+            return [dict(row._mapping) for row in connection.execute(query)]
+
+    def threshold(self, station: str, model_version: str) -> float | None:
+        """The threshold in force for this station and model, when feedback changed it."""
+        changes = self.threshold_history(station, model_version)
+        return changes[-1]["new"] if changes else None
+
+    def change_threshold(self, station: str, model_version: str, old: float, new: float,
+                         who: str | None, why: str | None, undoes: int | None = None) -> int:
+        """Keep a threshold change (who, when, old, new, why); returns its id."""
+        with self.engine.begin() as connection:
+            result = connection.execute(insert(threshold_changes), [{
+                "station": station, "model_version": model_version, "at": now(),
+                "who": who, "old": old, "new": new, "why": why, "undoes": undoes}])
+            return int(result.inserted_primary_key[0]) if result.inserted_primary_key \
+                else -1
+
+    def undo_threshold(self, station: str, model_version: str, who: str | None = None
+                       ) -> dict[str, Any]:
+        """Take back the last change that is not itself taken back; kept as a change."""
+        changes = self.threshold_history(station, model_version)
+        undone = {c["undoes"] for c in changes if c["undoes"] is not None}
+        live = [c for c in changes if c["undoes"] is None and c["id"] not in undone]
+        if not live:
+            raise ValueError(f"no threshold change to undo for {station} ({model_version})")
+        last = live[-1]
+        current = changes[-1]["new"]
+        self.change_threshold(station, model_version, current, last["old"], who,
+                              f"undo of change {last['id']}", undoes=last["id"])
+        return last
 
     def rows(self, query: Query | None = None) -> Iterator[dict[str, Any]]:
         """Inspections matching ``query``, oldest first, streamed."""

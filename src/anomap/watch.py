@@ -152,6 +152,7 @@ class Station:
         self.settings = replace(self.settings, folders=tuple(
             Path(os.path.abspath(f)) for f in self.settings.folders))
         self.record = Record(self.settings.url())
+        self.run_threshold = self.detector.threshold
         self.done = self.record.seen(self.settings.station)
         self.events: queue.SimpleQueue[Path] = queue.SimpleQueue()
         self.root = Path(os.path.commonpath([os.path.abspath(f)
@@ -224,7 +225,19 @@ class Station:
                  if now_s - c.stable_since >= self.settings.settle_s]
         return sorted(ready, key=lambda c: (c.mtime_ns, str(c.path)))
 
+    def follow_threshold(self) -> None:
+        """The threshold an operator's confirmed feedback set in the record, if any, in
+        force from the next photo on (and the run's again after an undo)."""
+        override = self.record.threshold(self.settings.station, self.model_version)
+        reader = self.detector.reader
+        wanted = self.run_threshold if override is None else override
+        if reader.thresholds is not None and reader.thresholds.image != wanted:
+            reader.thresholds = replace(reader.thresholds, image=wanted)
+            log.warning("station %s: threshold %.6g from the record", self.settings.station,
+                        wanted)
+
     def judge(self, batch: list[_Candidate]) -> None:
+        self.follow_threshold()
         settings, detector = self.settings, self.detector
         started = time.perf_counter()
         decoded: list[tuple[_Candidate, Decoded]] = []
