@@ -276,3 +276,60 @@ def test_an_older_record_is_migrated_when_opened(tmp_path: Path) -> None:
     record.add_feedback(row["id"], "missed_defect", who="op2")
     assert list(record.rows())[0]["feedback"] == "missed_defect"
     assert record.threshold("s", "v") is None
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_the_page_marks_a_false_alarm_confirms_the_proposal_and_undoes_it(
+        trained_run: Path, toy_data: Path, tmp_path: Path) -> None:
+    import httpx
+    from test_serve import running
+
+    from anomap.serve import ServeSettings
+
+    playwright = pytest.importorskip("playwright.sync_api")
+    folder = tmp_path / "line9"
+    shutil.copytree(toy_data / "test", folder)
+    station = StationSettings(folders=(folder,), station="line9",
+                              pictures=folder / ".anomap" / "pictures")
+    photos = len(_photos(toy_data))
+    with running({"tiles": trained_run}, ServeSettings(station=station)) as url, \
+            playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(),
+                                    args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.wait_for_function(f"document.querySelectorAll('#station-rows tr').length === "
+                               f"{photos}", timeout=60_000)
+        before = httpx.get(url + "/v1/station").json()
+        fails = sorted((r for r in before["recent"] if r["verdict"] == "fail"),
+                       key=lambda r: r["score"])
+        cleared = fails[0]
+        page.click(f"#station-rows tr[data-id='{cleared['id']}'] button.mark")
+        page.wait_for_selector(f"#station-rows tr[data-id='{cleared['id']}'] .marked")
+        page.click("#propose")
+        page.wait_for_selector("#confirm:not([hidden])")
+        assert "1 fails would pass" in page.text_content("#proposal")
+        assert httpx.get(url + "/v1/station").json()["threshold"] == before["threshold"]
+        page.click("#confirm")
+        page.wait_for_function("document.querySelector('#station-threshold').textContent !== "
+                               f"Number({before['threshold']}).toPrecision(6)")
+        now_in_force = httpx.get(url + "/v1/station").json()
+        assert now_in_force["threshold"] > cleared["score"]
+        assert now_in_force["threshold_changes"][-1]["why"] == "confirmed on the page"
+        source = next(r["path"] for r in Record(station.url()).rows()
+                      if r["id"] == cleared["id"])
+        shutil.copy(source, folder / "again.png")
+        page.wait_for_function("[...document.querySelectorAll('#station-rows tr')].some("
+                               "tr => tr.textContent.includes('again.png') && "
+                               "tr.textContent.includes('pass'))", timeout=30_000)
+        assert "anomap_station_threshold" in httpx.get(url + "/metrics").text
+        page.screenshot(path=str(tmp_path / "station.png"), full_page=True)
+        page.click("#undo")
+        page.wait_for_function("document.querySelector('#proposal').textContent"
+                               ".startsWith('undone')")
+        assert httpx.get(url + "/v1/station").json()["threshold"] == before["run_threshold"]
+        browser.close()

@@ -329,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long the first image of a batch waits for others "
                             "(default 10 ms; 0: no batching)")
     _add_max_pixels_arg(serve)
+    line = serve.add_argument_group("a station (docs/line.md)")
+    line.add_argument("--watch", action="append", type=Path, metavar="DIR",
+                      help="judge photos arriving in DIR with the first model, as anomap "
+                           "watch does; the page shows them for operator feedback")
+    line.add_argument("--station", help="the station's name (default: the folder's)")
+    line.add_argument("--record", metavar="URL",
+                      help="the record (default: sqlite:///DIR/.anomap/record.db)")
     guard = serve.add_argument_group("memory and slow clients (docs/deployment.md)")
     guard.add_argument("--memory-budget", type=float, metavar="MiB",
                        help="the whole process's memory: what the loaded models leave is "
@@ -692,6 +699,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         require(module)  # the serve extra, or a message naming it
     from anomap.admission import Budget
     from anomap.serve import ServeSettings, serve
+    from anomap.watch import StationSettings
 
     models: dict[str, Path] = {}
     for name, path in named_runs(args.run):
@@ -707,7 +715,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         memory_budget_bytes=None if args.memory_budget is None
         else int(args.memory_budget * 2**20),
         head_timeout_s=args.head_timeout, body_timeout_s=args.body_timeout,
-        allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()))
+        allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()),
+        station=None if not args.watch else StationSettings(
+            folders=tuple(args.watch), station=args.station or args.watch[0].resolve().name,
+            record_url=args.record, pictures=args.watch[0] / ".anomap" / "pictures"))
     settings.check()
     print(f"anomap serve: {', '.join(models)} on http://{args.host}:{args.port}/  "
           f"(API schema: /openapi.json)", file=sys.stderr)

@@ -31,6 +31,7 @@ import json
 import logging
 import secrets
 import sys
+import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -69,6 +70,7 @@ from anomap.data import DEFAULT_MAX_PIXELS, ImageReadError, load_image, read_hea
 from anomap.run import Detector, Prediction, PreparedImage
 from anomap.runtimes import require
 from anomap.version import __version__
+from anomap.watch import Station, StationSettings, station_for
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,9 @@ class ServeSettings:
     body_timeout_s: float = 30.0
     #: host names the service answers to besides loopback's (--allowed-hosts; "*": any)
     allowed_hosts: tuple[str, ...] = ()
+    #: a station watched by the first model (--watch): its record, feedback and drift
+    #: on the page and under /v1/station
+    station: StationSettings | None = None
 
     def check(self) -> None:
         """Refuse to listen beyond this machine without a key."""
@@ -376,6 +381,10 @@ class Meters:
                                ["reason"], registry=self.registry)
         self.in_use = Gauge("anomap_budget_bytes_in_use", "memory budget in use",
                             ["part"], registry=self.registry)
+        self.drift = Gauge("anomap_station_drift", "1 while the station's scores drift from "
+                           "the held-out normals'", ["station"], registry=self.registry)
+        self.threshold = Gauge("anomap_station_threshold", "the station's threshold in force",
+                               ["station"], registry=self.registry)
 
 
 @dataclass
@@ -648,6 +657,97 @@ class _Answering:
         return result
 
 
+def _add_station_routes(app: Any, station: Station, meters: Meters) -> None:
+    """The station's recent inspections, an operator's marks, the threshold proposal
+    (confirm, undo) and the drift state: what the page's station panel shows."""
+    from anomap import feedback
+    from anomap.record import Query
+
+    record, name = station.record, station.settings.station
+    run = station.run_folder
+    meters.drift.labels(name).set_function(
+        lambda: 1.0 if station.drift is not None and station.drift.drifting else 0.0)
+    meters.threshold.labels(name).set_function(lambda: station.detector.threshold)
+
+    def inspection(inspection_id: int) -> dict[str, Any]:
+        row = next((r for r in record.rows(Query(station=name)) if r["id"] == inspection_id),
+                   None)
+        if row is None:
+            raise ServiceError(404, "unknown_inspection", f"no inspection {inspection_id}")
+        return row
+
+    @app.get("/v1/station")
+    async def describe_station(limit: int = 50) -> dict[str, Any]:
+        def read() -> dict[str, Any]:
+            rows = list(record.rows(Query(station=name)))[-max(1, min(limit, 500)):]
+            return {
+                "station": name, "model": station.model_name,
+                "model_version": station.model_version,
+                "threshold": station.detector.threshold,
+                "run_threshold": station.run_threshold, "judged": len(rows),
+                "drift": {"watched": station.drift is not None,
+                          "drifting": bool(station.drift and station.drift.drifting),
+                          "evidence": station.last_drift},
+                "threshold_changes": record.threshold_history(name, station.model_version),
+                "recent": [{"id": r["id"], "file": Path(r["path"]).name, "score": r["score"],
+                            "verdict": r["verdict"], "threshold": r["threshold"],
+                            "feedback": r["feedback"], "judged_at": str(r["judged_at"]),
+                            "overlay": f"/v1/station/inspections/{r['id']}/overlay"
+                            if r["overlay"] else None} for r in reversed(rows)]}
+        return await run_in_threadpool(read)
+
+    @app.get("/v1/station/inspections/{inspection_id}/overlay")
+    async def station_overlay(inspection_id: int) -> Response:
+        row = await run_in_threadpool(inspection, inspection_id)
+        path = Path(row["overlay"] or "")
+        pictures = station.settings.pictures
+        if not row["overlay"] or pictures is None or not path.is_file() \
+                or not path.resolve().is_relative_to(pictures.resolve()):
+            raise ServiceError(404, "no_overlay", f"inspection {inspection_id} has no overlay")
+        return Response(path.read_bytes(), media_type="image/png")
+
+    @app.post("/v1/station/inspections/{inspection_id}/feedback")
+    async def mark(inspection_id: int, request: Request) -> dict[str, Any]:
+        body = await request.json()
+        await run_in_threadpool(inspection, inspection_id)
+        try:
+            await run_in_threadpool(record.add_feedback, inspection_id, str(body.get("mark")),
+                                    body.get("note"), body.get("who"))
+        except ValueError as error:
+            raise ServiceError(422, "invalid_feedback", str(error)) from None
+        return {"id": inspection_id, "feedback": body.get("mark")}
+
+    @app.get("/v1/station/proposal")
+    async def proposal() -> dict[str, Any]:
+        found = await run_in_threadpool(feedback.propose, record, name, run)
+        return {**asdict(found), "changes": found.changes, "said": found.describe()}
+
+    @app.post("/v1/station/threshold")
+    async def confirm(request: Request) -> dict[str, Any]:
+        """Apply the proposal the operator saw (``proposed`` must still be it)."""
+        body = await request.json()
+        found = await run_in_threadpool(feedback.propose, record, name, run)
+        if not found.changes or abs(found.proposed - float(body.get("proposed", "nan"))) > \
+                1e-9 * max(1.0, abs(found.proposed)):
+            raise ServiceError(409, "stale_proposal", "the proposal changed since it was "
+                               "shown (new marks or verdicts); look at it again")
+        change = await run_in_threadpool(feedback.apply, record, found, body.get("who"),
+                                         body.get("why"))
+        station.follow_threshold()
+        return {"change": change, "threshold": found.proposed}
+
+    @app.post("/v1/station/threshold/undo")
+    async def undo(request: Request) -> dict[str, Any]:
+        body = await request.json() if await request.body() else {}
+        try:
+            undone = await run_in_threadpool(record.undo_threshold, name,
+                                             station.model_version, body.get("who"))
+        except ValueError as error:
+            raise ServiceError(409, "nothing_to_undo", str(error)) from None
+        station.follow_threshold()
+        return {"undone": undone["id"], "threshold": station.detector.threshold}
+
+
 def _answer_status(results: list[dict[str, Any]]) -> int:
     """The HTTP status when no image of a request could be answered."""
     code = results[0]["error"]["code"]
@@ -752,6 +852,17 @@ def _add_routes(app: Any, served: dict[str, ServedModel], limits: Limits, meters
         return HTMLResponse(resources.files("anomap").joinpath("web/index.html").read_text())
 
 
+def _station(served: dict[str, ServedModel], settings: StationSettings | None
+             ) -> Station | None:
+    """The station the first served run watches, sharing its Detector."""
+    if settings is None:
+        return None
+    model = next((m for m in served.values() if m.source is not None), None)
+    if model is None:
+        raise ValueError("--watch needs a model served from a run or export folder")
+    return station_for(model.detector, model.source, settings)
+
+
 async def _done(value: Any) -> Any:
     return value
 
@@ -785,7 +896,15 @@ def create_app(models: dict[str, Detector | str | Path], settings: ServeSettings
                 await run_in_threadpool(return_memory)
             trimmed = idle
 
+    station = _station(served, settings.station)
+    station_stop = threading.Event()
+
     async def lifespan(app: Any):  # noqa: ANN202 - FastAPI's lifespan protocol
+        watcher = None
+        if station is not None:
+            watcher = threading.Thread(target=station.run, args=(station_stop,),
+                                       name="anomap-station", daemon=True)
+            watcher.start()
         for model in served.values():
             model.batcher = Batcher(model.detector, settings.max_batch,
                                     settings.batch_window_ms, settings.queue_size,
@@ -798,6 +917,9 @@ def create_app(models: dict[str, Detector | str | Path], settings: ServeSettings
             if model.batcher is not None:
                 await model.batcher.stop()
         decode_pool.shutdown(wait=False, cancel_futures=True)
+        station_stop.set()
+        if watcher is not None:
+            watcher.join(timeout=30)
 
     # no /docs page: it would load its scripts from a CDN (blank on an offline PC);
     # /openapi.json is served, behind the key
@@ -807,6 +929,8 @@ def create_app(models: dict[str, Detector | str | Path], settings: ServeSettings
     _add_error_handlers(app)
     app.add_middleware(Guard, limits=limits, meters=meters)
     _add_routes(app, served, limits, meters, pictures, decode_pool)
+    if station is not None:
+        _add_station_routes(app, station, meters)
     app.state.limits, app.state.pictures = limits, pictures
     app.state.budget_line = budget.describe(models_bytes)
     return app

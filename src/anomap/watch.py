@@ -145,6 +145,7 @@ class Station:
     model_version: str
     reference_scores: np.ndarray | None = None
     on_row: Callable[[dict[str, Any]], None] | None = None
+    run_folder: Path | None = None  # the run or export the Detector came from
     pending: dict[Path, _Candidate] = field(default_factory=dict)
     judged: int = 0
 
@@ -153,6 +154,7 @@ class Station:
             Path(os.path.abspath(f)) for f in self.settings.folders))
         self.record = Record(self.settings.url())
         self.run_threshold = self.detector.threshold
+        self.last_drift: dict[str, Any] | None = None
         self.done = self.record.seen(self.settings.station)
         self.events: queue.SimpleQueue[Path] = queue.SimpleQueue()
         self.root = Path(os.path.commonpath([os.path.abspath(f)
@@ -281,6 +283,7 @@ class Station:
         if self.drift is not None:
             change = self.drift.update([r["score"] for r in rows if r["score"] is not None])
             if change is not None:
+                self.last_drift = change
                 self.record.add_drift(settings.station, change["state"], change["window"],
                                       change["p_value"], change, self.model_version)
                 log.warning("%s at station %s: %s", change["state"], settings.station,
@@ -353,11 +356,17 @@ def open_station(run: str | Path, settings: StationSettings, device: str = "auto
                  runtime: str = "auto", probe: str = "refuse",
                  on_row: Callable[[dict[str, Any]], None] | None = None) -> Station:
     """Load the run (or export) once and make its station."""
-    detector = Detector.load(run, device, runtime=runtime, probe=probe)
+    return station_for(Detector.load(run, device, runtime=runtime, probe=probe), run,
+                       settings, on_row)
+
+
+def station_for(detector: Detector, run: str | Path, settings: StationSettings,
+                on_row: Callable[[dict[str, Any]], None] | None = None) -> Station:
+    """A station for a Detector already loaded from ``run`` (the service's)."""
     calibration = load_json(Path(run) / "calibration.json")
     reference = calibration.get("normal_scores")
     return Station(detector, settings, Path(run).name, run_version(run),
-                   None if reference is None else np.asarray(reference), on_row)
+                   None if reference is None else np.asarray(reference), on_row, Path(run))
 
 
 def stop_on_signals(stop: threading.Event) -> None:
