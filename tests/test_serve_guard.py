@@ -269,3 +269,58 @@ def test_the_pages_report_link_sends_the_key(trained_run: Path, tmp_path: Path) 
                                  "'the test report of tiles')", timeout=30_000)
         assert report.url.startswith("blob:")
         browser.close()
+
+
+def test_a_model_switches_atomically_and_rolls_back(trained_run: Path, toy_data: Path,
+                                                     tmp_path: Path) -> None:
+    import json
+    import threading
+
+    store = tmp_path / "store"
+    for name in ("v1", "v2"):
+        shutil.copytree(trained_run, store / name)
+    calibration = json.loads((store / "v2" / "calibration.json").read_text())
+    calibration["threshold"] *= 0.5  # v2 answers differently: a stricter threshold
+    (store / "v2" / "calibration.json").write_text(json.dumps(calibration))
+    image = (toy_data / "test" / "good" / "000.png").read_bytes()
+    with running({"tiles": store / "v1"}, ServeSettings(model_store=store)) as url:
+        def result() -> dict:
+            return httpx.post(url + PREDICT, content=image, timeout=60).json()["results"][0]
+
+        first = result()
+        seen: list[tuple[int, str, float]] = []
+        stop = threading.Event()
+
+        def keep_asking() -> None:
+            while not stop.is_set():
+                answer = httpx.post(url + PREDICT, content=image, timeout=60)
+                row = answer.json()["results"][0]
+                seen.append((answer.status_code, row.get("model_version"), row.get("threshold")))
+
+        askers = [threading.Thread(target=keep_asking) for _ in range(3)]
+        for asker in askers:
+            asker.start()
+        time.sleep(0.3)
+        switched = httpx.post(f"{url}/v1/models/tiles/switch", json={"run": "v2"}, timeout=120)
+        time.sleep(0.3)
+        stop.set()
+        for asker in askers:
+            asker.join(timeout=60)
+        assert switched.status_code == 200, switched.text
+        assert switched.json()["previous_version"] == first["model_version"]
+        second = result()
+        assert second["model_version"] == switched.json()["version"] != first["model_version"]
+        assert second["threshold"] == pytest.approx(first["threshold"] * 0.5)
+        # every answer during the switch is wholly one version or the other
+        pairs = {(v, round(t, 9)) for code, v, t in seen if code == 200}
+        assert all(code == 200 for code, _, _ in seen) and pairs <= {
+            (first["model_version"], round(first["threshold"], 9)),
+            (second["model_version"], round(second["threshold"], 9))}
+        for wanted in ("../", "nope", ""):
+            refused = httpx.post(f"{url}/v1/models/tiles/switch", json={"run": wanted})
+            assert refused.status_code == 404 and refused.json()["error"]["code"] == "unknown_run"
+        back = httpx.post(f"{url}/v1/models/tiles/rollback", timeout=60)
+        assert back.json()["version"] == first["model_version"]
+        assert result()["threshold"] == pytest.approx(first["threshold"])
+        described = httpx.get(f"{url}/v1/models/tiles").json()
+        assert described["previous_version"] == second["model_version"]

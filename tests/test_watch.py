@@ -77,9 +77,10 @@ def test_photos_arriving_at_20_per_second_through_two_kills_are_judged_exactly_o
 
 
 def _station(run: Path, folder: Path, tmp_path: Path, **settings: object):
+    settings.setdefault("stop_when_idle_s", None)
     return open_station(run, StationSettings(
-        folders=(folder,), record_url=f"sqlite:///{tmp_path / 'record.db'}",
-        stop_when_idle_s=None, **settings), device="cpu")
+        folders=(folder,), record_url=f"sqlite:///{tmp_path / 'record.db'}", **settings),
+        device="cpu")
 
 
 def test_a_photo_written_slowly_in_chunks_is_never_judged_half_written(
@@ -333,3 +334,50 @@ def test_the_page_marks_a_false_alarm_confirms_the_proposal_and_undoes_it(
                                ".startsWith('undone')")
         assert httpx.get(url + "/v1/station").json()["threshold"] == before["run_threshold"]
         browser.close()
+
+
+def test_a_webhook_hears_every_verdict_in_order_and_never_holds_the_line(
+        trained_run: Path, toy_data: Path, tmp_path: Path) -> None:
+    import http.server
+
+    heard: list[dict] = []
+    release = threading.Event()
+    refusals = [2]  # the receiver answers 503 twice before it accepts anything
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            release.wait(30)  # a receiver that is slow until the test lets it go
+            if refusals[0]:
+                refusals[0] -= 1
+                self.send_response(503)
+            else:
+                heard.append(body)
+                self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    folder = tmp_path / "inbox"
+    shutil.copytree(toy_data / "test" / "good", folder)
+    station = _station(trained_run, folder, tmp_path, stop_when_idle_s=0.3,
+                       webhook=f"http://127.0.0.1:{receiver.server_port}/verdicts")
+    station.webhook.max_pause_s = 0.2  # retry quickly here
+    photos = len(list(folder.glob("*.png")))
+    line = threading.Thread(target=station.run)
+    line.start()
+    deadline = time.monotonic() + 60
+    while station.judged < photos and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # every photo judged and recorded while the receiver has not answered once
+    assert station.judged == photos and not heard
+    release.set()
+    line.join(timeout=60)  # stopping delivers what is queued (up to 5 s)
+    receiver.shutdown()
+    paths = [row["path"] for row in Record(station.settings.url()).rows()]
+    assert [h["path"] for h in heard] == paths  # every verdict, in the record's order
+    assert all(h["event"] == "verdict" and h["verdict"] in ("pass", "fail") for h in heard)
+    assert len(heard) == photos and station.webhook.failures >= 2

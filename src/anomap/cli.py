@@ -336,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     line.add_argument("--station", help="the station's name (default: the folder's)")
     line.add_argument("--record", metavar="URL",
                       help="the record (default: sqlite:///DIR/.anomap/record.db)")
+    line.add_argument("--webhook", metavar="URL", help="POST each verdict as JSON to URL")
+    line.add_argument("--model-store", type=Path, metavar="DIR",
+                      help="runs a model may be switched to while serving (POST "
+                           "/v1/models/NAME/switch {\"run\": \"SUBFOLDER\"}; rollback too)")
     guard = serve.add_argument_group("memory and slow clients (docs/deployment.md)")
     guard.add_argument("--memory-budget", type=float, metavar="MiB",
                        help="the whole process's memory: what the loaded models leave is "
@@ -384,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--copy-to", type=Path, metavar="DIR",
                        help="copy judged photos into DIR/pass and DIR/fail")
     watch.add_argument("--out", type=Path, help="folder for overlay and mask PNGs")
+    watch.add_argument("--webhook", metavar="URL",
+                       help="POST each verdict as JSON to URL, retried without making the "
+                            "line wait")
     watch.add_argument("--batch-size", type=int, default=8)
     watch.add_argument("--drift-window", type=int, default=100, metavar="N",
                        help="recent photos compared with the held-out normals (default 100)")
@@ -718,7 +725,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()),
         station=None if not args.watch else StationSettings(
             folders=tuple(args.watch), station=args.station or args.watch[0].resolve().name,
-            record_url=args.record, pictures=args.watch[0] / ".anomap" / "pictures"))
+            record_url=args.record, pictures=args.watch[0] / ".anomap" / "pictures",
+            webhook=args.webhook),
+        model_store=args.model_store)
     settings.check()
     print(f"anomap serve: {', '.join(models)} on http://{args.host}:{args.port}/  "
           f"(API schema: /openapi.json)", file=sys.stderr)
@@ -742,7 +751,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, action="move" if args.move_to else "copy"
         if args.copy_to else None, sorted_to=args.move_to or args.copy_to,
         pictures=args.out, drift_window=args.drift_window,
-        stop_when_idle_s=args.stop_when_idle)
+        stop_when_idle_s=args.stop_when_idle, webhook=args.webhook)
 
     def said(row: dict[str, Any]) -> None:
         score = "-" if row["score"] is None else f"{row['score']:.4g}"

@@ -10,6 +10,7 @@ ones is kept and logged (the record holds every verdict whatever happens here).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -46,13 +47,11 @@ class Webhook:
                 self.waiting.put_nowait(payload)
                 return
             except queue.Full:
-                try:
+                with contextlib.suppress(queue.Empty):
                     self.waiting.get_nowait()
                     self.dropped += 1
                     log.warning("webhook %s: %d verdicts dropped (the receiver is behind)",
                                 self.url, self.dropped)
-                except queue.Empty:
-                    pass
 
     def _post(self, payload: dict[str, Any]) -> None:
         request = urllib.request.Request(
@@ -87,8 +86,6 @@ class Webhook:
         while not self.waiting.empty() and time.monotonic() < deadline:
             time.sleep(0.05)
         self._stop.set()
-        try:
+        with contextlib.suppress(queue.Full):
             self.waiting.put_nowait(None)
-        except queue.Full:
-            pass
         self._thread.join(timeout=max(0.0, deadline - time.monotonic()) + 1)

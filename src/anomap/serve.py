@@ -68,6 +68,7 @@ from anomap.admission import (
 from anomap.allocator import return_memory
 from anomap.data import DEFAULT_MAX_PIXELS, ImageReadError, load_image, read_header
 from anomap.run import Detector, Prediction, PreparedImage
+from anomap.runfolder import run_version
 from anomap.runtimes import require
 from anomap.version import __version__
 from anomap.watch import Station, StationSettings, station_for
@@ -104,6 +105,8 @@ class ServeSettings:
     #: a station watched by the first model (--watch): its record, feedback and drift
     #: on the page and under /v1/station
     station: StationSettings | None = None
+    #: runs and exports a model may be switched to (POST /v1/models/{name}/switch)
+    model_store: Path | None = None
 
     def check(self) -> None:
         """Refuse to listen beyond this machine without a key."""
@@ -243,6 +246,19 @@ class ServedModel:
     source: Path | None  # its folder (never shown to clients); None for a Detector given
     batcher: Batcher | None = None
     metrics: dict[str, Any] | None = None
+    #: the version it replaced, kept loaded (and batching) for a rollback
+    previous: ServedModel | None = None
+    #: which model this is: the hash of its run's decisive files (run_version)
+    version: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.version:
+            self.version = run_version(self.source) if self.source is not None else "in-memory"
+
+    def snapshot(self) -> ServedModel:
+        """This version as it is now: what one request uses from start to end, so a
+        switch in the middle never mixes two models in one answer."""
+        return replace(self, previous=None)
 
     @property
     def report(self) -> Path | None:
@@ -282,6 +298,8 @@ class ServedModel:
             "pixel_threshold": self.detector.pixel_threshold,
             "display_range": list(self.detector.display_range),
             "report": f"/v1/models/{self.name}/report" if self.report else None,
+            "version": self.version,
+            "previous_version": self.previous.version if self.previous else None,
         }
         if self.metrics:
             info["test_metrics"] = _public({k: self.metrics.get(k) for k in (
@@ -640,7 +658,7 @@ class _Answering:
                                                      "message": error.message}}
         self.meters.images.labels(name, prediction.verdict).inc()
         result.update(ok=True, score=prediction.score, verdict=prediction.verdict,
-                      threshold=prediction.threshold,
+                      model_version=self.model.version, threshold=prediction.threshold,
                       pixel_threshold=prediction.pixel_threshold)
         if photo is None:
             return result
@@ -748,6 +766,79 @@ def _add_station_routes(app: Any, station: Station, meters: Meters) -> None:
         return {"undone": undone["id"], "threshold": station.detector.threshold}
 
 
+@dataclass
+class Deployment:
+    """What switching a model's version needs: where runs may come from (the model
+    store), how to load one, how to start its batcher, and the station to tell."""
+
+    store: Path | None
+    load: Any  # folder -> Detector
+    start: Any  # ServedModel -> None (its batcher running)
+    station: Station | None = None
+    #: seconds a replaced-and-dropped version keeps batching for requests in flight
+    grace_s: float = 30.0
+
+
+def _add_version_routes(app: Any, served: dict[str, ServedModel], deploy: Deployment) -> None:
+    """Switch a model to another run of the model store, atomically (each request uses
+    one version from start to end), keeping the old one loaded for a rollback."""
+
+    def model_named(name: str) -> ServedModel:
+        if name not in served:
+            raise ServiceError(404, "unknown_model", f"no model {name!r}")
+        return served[name]
+
+    async def retire(version: ServedModel | None) -> None:
+        if version is not None and version.batcher is not None:
+            await asyncio.sleep(deploy.grace_s)
+            await version.batcher.stop()
+
+    def install(model: ServedModel, incoming: ServedModel) -> None:
+        """Make ``incoming`` the current version (one step of the event loop: no
+        request sees half of it); the current one becomes the previous."""
+        outgoing = model.snapshot()
+        dropped = model.previous
+        model.detector, model.source = incoming.detector, incoming.source
+        model.batcher, model.metrics = incoming.batcher, incoming.metrics
+        model.version, model.previous = incoming.version, outgoing
+        if deploy.station is not None and deploy.station.detector is outgoing.detector:
+            deploy.station.use(model.detector, model.source)
+        if dropped is not None and dropped.detector is not incoming.detector:
+            asyncio.get_running_loop().create_task(retire(dropped))
+
+    @app.post("/v1/models/{name}/switch")
+    async def switch(name: str, request: Request) -> dict[str, Any]:
+        model = model_named(name)
+        if deploy.store is None:
+            raise ServiceError(404, "no_model_store", "start the server with --model-store "
+                               "DIR to switch models")
+        wanted = str((await request.json()).get("run", ""))
+        target = (deploy.store / wanted).resolve()
+        if not wanted or not target.is_relative_to(deploy.store.resolve()) \
+                or not target.is_dir():
+            raise ServiceError(404, "unknown_run", f"no run {wanted!r} in the model store")
+        try:
+            detector = await run_in_threadpool(deploy.load, target)
+        except Exception as error:  # a broken run or a failed probe: the old one stays
+            raise ServiceError(422, "cannot_load", f"{wanted}: {error}") from None
+        metrics_file = target / "metrics.json"
+        incoming = ServedModel(name, detector, target, metrics=json.loads(
+            metrics_file.read_text()) if metrics_file.is_file() else None)
+        deploy.start(incoming)
+        install(model, incoming)
+        return {"model": name, "version": model.version,
+                "previous_version": model.previous.version if model.previous else None}
+
+    @app.post("/v1/models/{name}/rollback")
+    async def rollback(name: str) -> dict[str, Any]:
+        model = model_named(name)
+        if model.previous is None:
+            raise ServiceError(409, "nothing_to_roll_back", f"{name} has no previous version")
+        install(model, model.previous)
+        return {"model": name, "version": model.version,
+                "previous_version": model.previous.version}
+
+
 def _answer_status(results: list[dict[str, Any]]) -> int:
     """The HTTP status when no image of a request could be answered."""
     code = results[0]["error"]["code"]
@@ -807,7 +898,7 @@ def _add_routes(app: Any, served: dict[str, ServedModel], limits: Limits, meters
         ``overlay``/``mask`` the heat-map overlay and the defect mask as PNG (at most
         ``picture_max_side`` pixels on a side), base64 in the JSON (``images=base64``)
         or short-lived URLs (``images=url``)."""
-        model = model_named(name)
+        model = model_named(name).snapshot()
         if images not in ("base64", "url"):
             raise ServiceError(422, "invalid_request", "images must be base64 or url")
         holding, loop = Holding(), asyncio.get_running_loop()
@@ -899,6 +990,12 @@ def create_app(models: dict[str, Detector | str | Path], settings: ServeSettings
     station = _station(served, settings.station)
     station_stop = threading.Event()
 
+    def start_batcher(model: ServedModel) -> None:
+        model.batcher = Batcher(model.detector, settings.max_batch, settings.batch_window_ms,
+                                settings.queue_size,
+                                on_batch=meters.batch_size.labels(model.name).observe)
+        model.batcher.start()
+
     async def lifespan(app: Any):  # noqa: ANN202 - FastAPI's lifespan protocol
         watcher = None
         if station is not None:
@@ -906,16 +1003,14 @@ def create_app(models: dict[str, Detector | str | Path], settings: ServeSettings
                                        name="anomap-station", daemon=True)
             watcher.start()
         for model in served.values():
-            model.batcher = Batcher(model.detector, settings.max_batch,
-                                    settings.batch_window_ms, settings.queue_size,
-                                    on_batch=meters.batch_size.labels(model.name).observe)
-            model.batcher.start()
+            start_batcher(model)
         sweeper = asyncio.get_running_loop().create_task(sweep())
         yield
         sweeper.cancel()
         for model in served.values():
-            if model.batcher is not None:
-                await model.batcher.stop()
+            for version in (model, model.previous):
+                if version is not None and version.batcher is not None:
+                    await version.batcher.stop()
         decode_pool.shutdown(wait=False, cancel_futures=True)
         station_stop.set()
         if watcher is not None:
@@ -931,6 +1026,10 @@ def create_app(models: dict[str, Detector | str | Path], settings: ServeSettings
     _add_routes(app, served, limits, meters, pictures, decode_pool)
     if station is not None:
         _add_station_routes(app, station, meters)
+    _add_version_routes(app, served, Deployment(
+        settings.model_store, lambda folder: Detector.load(folder, device, runtime=runtime,
+                                                           probe=probe),
+        start_batcher, station))
     app.state.limits, app.state.pictures = limits, pictures
     app.state.budget_line = budget.describe(models_bytes)
     return app

@@ -48,6 +48,7 @@ from anomap.inspection import (
     path_text,
     result_row,
 )
+from anomap.notify import Webhook
 from anomap.record import Record, default_url, now
 from anomap.run import Detector
 from anomap.runfolder import load_json, run_version
@@ -76,6 +77,7 @@ class StationSettings:
     drift_window: int = 100
     drift_alpha: float = 1e-3
     stop_when_idle_s: float | None = None
+    webhook: str | None = None  # each verdict POSTed as JSON (anomap.notify), never waited on
 
     def url(self) -> str:
         return self.record_url or default_url(self.folders[0] / ".anomap")
@@ -155,6 +157,8 @@ class Station:
         self.record = Record(self.settings.url())
         self.run_threshold = self.detector.threshold
         self.last_drift: dict[str, Any] | None = None
+        self._model_lock = threading.Lock()
+        self.webhook = Webhook(self.settings.webhook) if self.settings.webhook else None
         self.done = self.record.seen(self.settings.station)
         self.events: queue.SimpleQueue[Path] = queue.SimpleQueue()
         self.root = Path(os.path.commonpath([os.path.abspath(f)
@@ -227,6 +231,16 @@ class Station:
                  if now_s - c.stable_since >= self.settings.settle_s]
         return sorted(ready, key=lambda c: (c.mtime_ns, str(c.path)))
 
+    def use(self, detector: Detector, run: str | Path) -> None:
+        """Judge with another version from the next batch on (the service's switch and
+        rollback): its threshold, its held-out normals for drift, its version in rows."""
+        fresh = station_for(detector, run, self.settings)
+        with self._model_lock:
+            self.detector, self.model_name = detector, fresh.model_name
+            self.model_version, self.run_folder = fresh.model_version, fresh.run_folder
+            self.run_threshold, self.drift = detector.threshold, fresh.drift
+        fresh.record.close()
+
     def follow_threshold(self) -> None:
         """The threshold an operator's confirmed feedback set in the record, if any, in
         force from the next photo on (and the run's again after an undo)."""
@@ -239,8 +253,11 @@ class Station:
                         wanted)
 
     def judge(self, batch: list[_Candidate]) -> None:
-        self.follow_threshold()
-        settings, detector = self.settings, self.detector
+        with self._model_lock:  # one version judges the whole batch
+            self.follow_threshold()
+            detector, model_name, model_version = (self.detector, self.model_name,
+                                                   self.model_version)
+        settings = self.settings
         started = time.perf_counter()
         decoded: list[tuple[_Candidate, Decoded]] = []
         for candidate in batch:
@@ -263,8 +280,8 @@ class Station:
             row = result_row(item, prediction, settings.pictures, detector.display_range)
             rows.append({
                 "station": settings.station, "path": row["path"], "size": candidate.size,
-                "mtime_ns": candidate.mtime_ns, "judged_at": now(), "model": self.model_name,
-                "model_version": self.model_version, "threshold": row.get("threshold"),
+                "mtime_ns": candidate.mtime_ns, "judged_at": now(), "model": model_name,
+                "model_version": model_version, "threshold": row.get("threshold"),
                 "pixel_threshold": row.get("pixel_threshold"), "score": row.get("score"),
                 "verdict": row["verdict"], "overlay": row.get("overlay"),
                 "mask": row.get("mask"), "error": row.get("error"), "action_done": False,
@@ -278,6 +295,8 @@ class Station:
             self.judged += 1
             if self.on_row is not None:
                 self.on_row(row)
+            if self.webhook is not None:
+                self.webhook.send(row)
         self._act([(row, candidate.path) for row, (candidate, _) in zip(rows, decoded,
                                                                           strict=True)])
         if self.drift is not None:
@@ -348,6 +367,8 @@ class Station:
         finally:
             observer.stop()
             observer.join(timeout=5)
+            if self.webhook is not None:
+                self.webhook.close()
             self.record.close()
         return self.judged
 
