@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -26,54 +25,23 @@ from anomap.watch import DriftMonitor, StationSettings, open_station
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def _watcher(folder: Path, run: Path, record: str, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "anomap", "watch", str(folder), "--run", str(run), "--device",
-         "cpu", "--record", record, "--station", "line1", *extra],
-        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
 def _photos(toy_data: Path) -> list[Path]:
     return sorted((toy_data / "test").rglob("*.png"))
 
 
 def test_photos_arriving_at_20_per_second_through_two_kills_are_judged_exactly_once(
         trained_run: Path, toy_data: Path, tmp_path: Path) -> None:
-    folder, url = tmp_path / "inbox", f"sqlite:///{tmp_path / 'record.db'}"
-    folder.mkdir()
-    sources = _photos(toy_data)
-    arrived: list[Path] = []
-    watcher = _watcher(folder, trained_run, url)
-    kills_at = {70, 140}  # photos arrived when the watcher is killed, then restarted
-    for index in range(200):  # 10 s at 20 photos/s
-        target = folder / f"cam_{index:04d}.png"
-        shutil.copyfile(sources[index % len(sources)], target)
-        arrived.append(target)
-        if index in kills_at:
-            watcher.send_signal(signal.SIGKILL)
-            watcher.wait(timeout=30)
-            watcher = _watcher(folder, trained_run, url)
-        time.sleep(0.05)
-    watcher.send_signal(signal.SIGTERM)
-    watcher.wait(timeout=60)
-    # photos that came while it was down, or after: judged at the next start
-    final = _watcher(folder, trained_run, url, "--stop-when-idle", "2")
-    assert final.wait(timeout=240) == 0, final.stderr.read()[-2000:]
-    record = Record(url)
-    rows = list(record.rows())
-    record.close()
-    paths = [row["path"] for row in rows]
-    assert len(paths) == len(set(paths)) == len(arrived), "each photo exactly once"
-    assert set(paths) == {str(p) for p in arrived}
-    expected = {str(p): prediction for p, prediction in zip(
-        arrived, Detector.load(trained_run, "cpu").predict(arrived), strict=True)}
-    for row in rows:
-        assert row["verdict"] == expected[row["path"]].verdict
-        assert row["score"] == pytest.approx(expected[row["path"]].score, rel=1e-5)
-        assert row["station"] == "line1" and row["model_version"]
+    """The benchmark's scenario (benchmarks/watch_exactly_once.py: a minute there), for
+    10 s: photos copied in at 20/s, the watcher SIGKILLed twice and restarted, then
+    left to finish; the record against Detector.predict on the same files."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from watch_exactly_once import scenario
+
+    result = scenario(trained_run, _photos(toy_data), tmp_path,
+                      f"sqlite:///{tmp_path / 'record.db'}", rate=20, seconds=10)
+    assert result["kills"] == 2 and result["photos"] == 200
+    assert result["exactly_once"] and not result["missing"] and not result["duplicates"]
+    assert result["score_or_verdict_differs_from_predict"] == 0
 
 
 def _station(run: Path, folder: Path, tmp_path: Path, **settings: object):
@@ -365,7 +333,8 @@ def test_a_webhook_hears_every_verdict_in_order_and_never_holds_the_line(
     shutil.copytree(toy_data / "test" / "good", folder)
     station = _station(trained_run, folder, tmp_path, stop_when_idle_s=0.3,
                        webhook=f"http://127.0.0.1:{receiver.server_port}/verdicts")
-    station.webhook.max_pause_s = 0.2  # retry quickly here
+    webhook = station.notifiers[0]
+    webhook.max_pause_s = 0.2  # retry quickly here
     photos = len(list(folder.glob("*.png")))
     line = threading.Thread(target=station.run)
     line.start()
@@ -380,4 +349,49 @@ def test_a_webhook_hears_every_verdict_in_order_and_never_holds_the_line(
     paths = [row["path"] for row in Record(station.settings.url()).rows()]
     assert [h["path"] for h in heard] == paths  # every verdict, in the record's order
     assert all(h["event"] == "verdict" and h["verdict"] in ("pass", "fail") for h in heard)
-    assert len(heard) == photos and station.webhook.failures >= 2
+    assert len(heard) == photos and webhook.failures >= 2
+
+
+@pytest.mark.skipif(shutil.which("mosquitto") is None,
+                    reason="needs Debian's mosquitto broker (.ci/run installs it)")
+def test_mqtt_subscribers_hear_every_verdict_in_order(trained_run: Path, toy_data: Path,
+                                                      tmp_path: Path) -> None:
+    mqtt = pytest.importorskip("paho.mqtt.client")
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    broker = subprocess.Popen(["mosquitto", "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    heard: list[dict] = []
+    try:
+        listener = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        listener.on_message = lambda client, data, message: heard.append(
+            json.loads(message.payload))
+        deadline = time.monotonic() + 20
+        while True:  # the broker takes a moment to listen
+            try:
+                listener.connect("127.0.0.1", port)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        listener.subscribe("line5/verdicts", qos=1)
+        listener.loop_start()
+        time.sleep(0.3)
+        folder = tmp_path / "inbox"
+        shutil.copytree(toy_data / "test" / "good", folder)
+        station = _station(trained_run, folder, tmp_path, stop_when_idle_s=0.3,
+                           mqtt=f"mqtt://127.0.0.1:{port}/line5/verdicts")
+        judged = station.run()
+        deadline = time.monotonic() + 20
+        while len(heard) < judged and time.monotonic() < deadline:
+            time.sleep(0.05)
+        listener.loop_stop()
+    finally:
+        broker.terminate()
+        broker.wait(timeout=10)
+    paths = [row["path"] for row in Record(station.settings.url()).rows()]
+    assert [h["path"] for h in heard] == paths and all(h["event"] == "verdict" for h in heard)

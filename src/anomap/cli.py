@@ -337,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     line.add_argument("--record", metavar="URL",
                       help="the record (default: sqlite:///DIR/.anomap/record.db)")
     line.add_argument("--webhook", metavar="URL", help="POST each verdict as JSON to URL")
+    line.add_argument("--mqtt", metavar="URL", help="publish each verdict to "
+                                                    "mqtt://HOST[:PORT]/TOPIC")
     line.add_argument("--model-store", type=Path, metavar="DIR",
                       help="runs a model may be switched to while serving (POST "
                            "/v1/models/NAME/switch {\"run\": \"SUBFOLDER\"}; rollback too)")
@@ -391,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--webhook", metavar="URL",
                        help="POST each verdict as JSON to URL, retried without making the "
                             "line wait")
+    watch.add_argument("--mqtt", metavar="URL",
+                       help="publish each verdict as JSON to mqtt://HOST[:PORT]/TOPIC "
+                            "(QoS 1; pip install \"anomap[mqtt]\")")
     watch.add_argument("--batch-size", type=int, default=8)
     watch.add_argument("--drift-window", type=int, default=100, metavar="N",
                        help="recent photos compared with the held-out normals (default 100)")
@@ -726,7 +731,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         station=None if not args.watch else StationSettings(
             folders=tuple(args.watch), station=args.station or args.watch[0].resolve().name,
             record_url=args.record, pictures=args.watch[0] / ".anomap" / "pictures",
-            webhook=args.webhook),
+            webhook=args.webhook, mqtt=args.mqtt),
         model_store=args.model_store)
     settings.check()
     print(f"anomap serve: {', '.join(models)} on http://{args.host}:{args.port}/  "
@@ -751,7 +756,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, action="move" if args.move_to else "copy"
         if args.copy_to else None, sorted_to=args.move_to or args.copy_to,
         pictures=args.out, drift_window=args.drift_window,
-        stop_when_idle_s=args.stop_when_idle, webhook=args.webhook)
+        stop_when_idle_s=args.stop_when_idle, webhook=args.webhook, mqtt=args.mqtt)
 
     def said(row: dict[str, Any]) -> None:
         score = "-" if row["score"] is None else f"{row['score']:.4g}"

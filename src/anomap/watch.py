@@ -48,7 +48,7 @@ from anomap.inspection import (
     path_text,
     result_row,
 )
-from anomap.notify import Webhook
+from anomap.notify import Mqtt, Notifier, Webhook
 from anomap.record import Record, default_url, now
 from anomap.run import Detector
 from anomap.runfolder import load_json, run_version
@@ -78,6 +78,7 @@ class StationSettings:
     drift_alpha: float = 1e-3
     stop_when_idle_s: float | None = None
     webhook: str | None = None  # each verdict POSTed as JSON (anomap.notify), never waited on
+    mqtt: str | None = None  # each verdict published to mqtt://HOST[:PORT]/TOPIC
 
     def url(self) -> str:
         return self.record_url or default_url(self.folders[0] / ".anomap")
@@ -158,7 +159,9 @@ class Station:
         self.run_threshold = self.detector.threshold
         self.last_drift: dict[str, Any] | None = None
         self._model_lock = threading.Lock()
-        self.webhook = Webhook(self.settings.webhook) if self.settings.webhook else None
+        self.notifiers: list[Notifier] = [
+            *([Webhook(self.settings.webhook)] if self.settings.webhook else []),
+            *([Mqtt(self.settings.mqtt)] if self.settings.mqtt else [])]
         self.done = self.record.seen(self.settings.station)
         self.events: queue.SimpleQueue[Path] = queue.SimpleQueue()
         self.root = Path(os.path.commonpath([os.path.abspath(f)
@@ -295,8 +298,8 @@ class Station:
             self.judged += 1
             if self.on_row is not None:
                 self.on_row(row)
-            if self.webhook is not None:
-                self.webhook.send(row)
+            for notifier in self.notifiers:
+                notifier.send(row)
         self._act([(row, candidate.path) for row, (candidate, _) in zip(rows, decoded,
                                                                           strict=True)])
         if self.drift is not None:
@@ -367,8 +370,8 @@ class Station:
         finally:
             observer.stop()
             observer.join(timeout=5)
-            if self.webhook is not None:
-                self.webhook.close()
+            for notifier in self.notifiers:
+                notifier.close()
             self.record.close()
         return self.judged
 
