@@ -112,6 +112,9 @@ def export_onnx(model: nn.Module, path: Path, image_size: int) -> Path:
     require("onnx")
     require("onnxscript")
     graph = _MapOnly(InferenceModel(model).method.to(memory_format=torch.contiguous_format))
+    for module in graph.modules():  # torch.export decomposes each in-place activation at
+        if getattr(module, "inplace", False):  # a cost of seconds; the graph is the same
+            module.inplace = False
     example = torch.rand(2, 3, image_size, image_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
     quiet = logging.getLogger("torch.onnx")
