@@ -41,7 +41,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from anomap.machine import describe_machine
+from anomap.machine import describe_machine, memory_bytes
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
@@ -105,7 +105,7 @@ class Soak:
 
     async def sample_rss(self) -> None:
         while self.running():
-            self.rss.append((round(time.monotonic() - self.started, 1), rss_bytes(self.pid)))
+            self.rss.append((round(time.monotonic() - self.started, 1), memory_bytes(pid=self.pid)))
             await asyncio.sleep(0.5)
 
     async def normal(self, client: httpx.AsyncClient, index: int) -> None:
@@ -212,14 +212,6 @@ class Soak:
                 self.metrics(client))
 
 
-def rss_bytes(pid: int, field: str = "VmRSS") -> int:
-    with open(f"/proc/{pid}/status", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -251,11 +243,11 @@ def main() -> None:
                     break
             except httpx.HTTPError:
                 time.sleep(0.5)
-        ready_rss = rss_bytes(server.pid)
+        ready_rss = memory_bytes(pid=server.pid)
         soak = Soak(url, server.pid, args.seconds, photo.read_bytes())
         asyncio.run(soak.run())
         time.sleep(10)  # idle: freed memory goes back
-        final_rss, peak_rss = rss_bytes(server.pid), rss_bytes(server.pid, "VmHWM")
+        final_rss, peak_rss = memory_bytes(pid=server.pid), memory_bytes("VmHWM", server.pid)
         metrics = httpx.get(url + "/metrics", timeout=10).text
     finally:
         server.terminate()

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
+from test_serve import _chromium
 
 from anomap.cli import main
 from anomap.record import Query, Record
@@ -245,10 +246,6 @@ def test_an_older_record_is_migrated_when_opened(tmp_path: Path) -> None:
     record.add_feedback(row["id"], "missed_defect", who="op2")
     assert list(record.rows())[0]["feedback"] == "missed_defect"
     assert record.threshold("s", "v") is None
-
-
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium (.ci/run installs it)")

@@ -25,7 +25,6 @@ would map and unmap every large tensor of every forward pass: slower.)
 from __future__ import annotations
 
 import asyncio
-import os
 from dataclasses import dataclass
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -134,15 +133,6 @@ def work_bytes(decode_pixels: list[int], picture_pixels: int) -> int:
     return (sum(decode_pixels) * DECODE_BYTES_PER_PIXEL
             + picture_pixels * len(decode_pixels) * 3
             + (picture_pixels * PICTURE_BYTES_PER_PIXEL if picture_pixels else 0))
-
-
-def resident_bytes() -> int:
-    """This process's resident memory now (Linux; 0 where unknown)."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 class DeadlineProtocol(H11Protocol):

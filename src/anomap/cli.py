@@ -590,7 +590,7 @@ def cmd_retune_feedback(args: argparse.Namespace) -> int:
     station = args.station or (args.folder.resolve().name if args.folder else None)
     if station is None:
         raise ValueError("--feedback with --record needs --station NAME")
-    record = Record(args.record or default_url(args.folder / ".anomap"))
+    record = Record(args.record or default_url(args.folder))
     try:
         if args.undo:
             undone = record.undo_threshold(station, run_version(args.run), args.who)
@@ -710,6 +710,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for module in ("fastapi", "uvicorn", "python_multipart", "prometheus_client"):
         require(module)  # the serve extra, or a message naming it
     from anomap.admission import Budget
+    from anomap.record import station_folder
     from anomap.serve import ServeSettings, serve
     from anomap.watch import StationSettings
 
@@ -730,7 +731,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()),
         station=None if not args.watch else StationSettings(
             folders=tuple(args.watch), station=args.station or args.watch[0].resolve().name,
-            record_url=args.record, pictures=args.watch[0] / ".anomap" / "pictures",
+            record_url=args.record, pictures=station_folder(args.watch[0]) / "pictures",
             webhook=args.webhook, mqtt=args.mqtt),
         model_store=args.model_store)
     settings.check()
@@ -777,7 +778,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 def cmd_history(args: argparse.Namespace) -> int:
     from anomap.record import Query, Record, default_url, export_rows
 
-    record = Record(args.record or default_url(args.folder / ".anomap"))
+    record = Record(args.record or default_url(args.folder))
     try:
         if args.mark:
             record.add_feedback(int(args.mark[0]), args.mark[1], args.note, args.who)

@@ -66,8 +66,8 @@ def propose(record: Record, station: str, run: str | Path) -> Proposal:
     calibration = load_json(Path(run) / "calibration.json")
     version = run_version(run)
     current = current_threshold(record, station, run)
-    rows = [r for r in record.rows(Query(station=station))
-            if r["model_version"] == version and r["score"] is not None]
+    rows = [r for r in record.rows(Query(station=station, model=version))
+            if r["score"] is not None]
     cleared = np.array([r["score"] for r in rows if r["feedback"] == "not_a_defect"])
     missed = np.array([r["score"] for r in rows if r["feedback"] == "missed_defect"])
     normals = np.asarray(calibration.get("normal_scores") or [], dtype=np.float64)

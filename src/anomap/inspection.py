@@ -269,14 +269,15 @@ class Decoded:
 
 def decode(detector: Detector, found: FoundImage, keep_photo: bool,
            fast_decode: bool = False, picture_max_side: int = report.PICTURE_MAX_SIDE,
-           source: BinaryIO | None = None) -> Decoded:
-    """One file (or its bytes already read, ``source``) -> the network's input and,
-    for pictures, the photo reduced to at most ``picture_max_side`` (its maps then
-    come back at that size); the full-size decode is dropped at once, so a window
-    of photos stays small."""
+           source: BinaryIO | None = None, max_pixels: int | None = None) -> Decoded:
+    """One file (or its bytes already read, ``source``: an upload, a URI's) -> the
+    network's input and, for pictures, the photo reduced to at most
+    ``picture_max_side`` (its maps then come back at that size); the full-size
+    decode is dropped at once, so a window of photos stays small. Every reader of
+    photos for a Detector (predict, Ray, the service, a station) decodes here."""
     geometry = detector.geometry
     try:  # decoding at the network's own size only when no picture is drawn
-        photo = load_image(found.path if source is None else source,
+        photo = load_image(found.path if source is None else source, max_pixels,
                            name=None if source is None else str(found.path),
                            draft=geometry.size if fast_decode and not keep_photo
                            else geometry.decode_floor)

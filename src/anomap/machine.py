@@ -92,3 +92,16 @@ def machine_line(record: dict[str, Any] | None = None) -> str:
                                            ("avx_vnni", "AVX-VNNI"), ("avx512f", "AVX-512"),
                                            ("avx2", "AVX2")) if isa.get(flag)), "no AVX2")
     return f"{record.get('cpu') or record.get('arch')}, {record.get('usable_cores')} cores, {best}"
+
+
+def memory_bytes(field: str = "VmRSS", pid: int | str = "self") -> int:
+    """A process's memory from /proc (Linux; 0 where unknown): ``VmRSS`` resident now,
+    ``VmHWM`` its peak. The service states its budget from it; benchmarks sample it."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0

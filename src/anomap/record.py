@@ -39,12 +39,15 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    func,
     insert,
     select,
 )
 from sqlalchemy.exc import IntegrityError
 
 RECORD_FILE = "record.db"
+#: a watched folder's own folder for the record and the pictures (hidden: never judged)
+STATION_FOLDER = ".anomap"
 
 metadata = MetaData()
 
@@ -113,9 +116,14 @@ def now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def default_url(folder: str | Path) -> str:
-    """The station's own SQLite file: ``sqlite:///FOLDER/record.db``."""
-    return f"sqlite:///{Path(folder).resolve() / RECORD_FILE}"
+def station_folder(watched: str | Path) -> Path:
+    """Where a watched folder keeps its record and pictures: ``WATCHED/.anomap``."""
+    return Path(watched) / STATION_FOLDER
+
+
+def default_url(watched: str | Path) -> str:
+    """A watched folder's own SQLite record: ``sqlite:///WATCHED/.anomap/record.db``."""
+    return f"sqlite:///{station_folder(watched).resolve() / RECORD_FILE}"
 
 
 def _sqlite_pragmas(connection: Any, _: Any) -> None:
@@ -271,6 +279,22 @@ class Record:
         self.change_threshold(station, model_version, current, last["old"], who,
                               f"undo of change {last['id']}", undoes=last["id"])
         return last
+
+    def inspection(self, inspection_id: int) -> dict[str, Any] | None:
+        with self.engine.connect() as connection:
+            row = connection.execute(select(inspections).where(
+                inspections.c.id == inspection_id)).first()
+        return None if row is None else dict(row._mapping)
+
+    def recent(self, station: str, limit: int) -> tuple[int, list[dict[str, Any]]]:
+        """How many inspections the station has, and its last ``limit``, newest first."""
+        table = inspections
+        with self.engine.connect() as connection:
+            total = connection.execute(select(func.count()).select_from(table).where(
+                table.c.station == station)).scalar_one()
+            rows = connection.execute(select(table).where(table.c.station == station)
+                                      .order_by(table.c.id.desc()).limit(limit))
+            return int(total), [dict(row._mapping) for row in rows]
 
     def rows(self, query: Query | None = None) -> Iterator[dict[str, Any]]:
         """Inspections matching ``query``, oldest first, streamed."""

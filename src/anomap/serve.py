@@ -62,11 +62,12 @@ from anomap.admission import (
     Pool,
     Refused,
     deadline_protocol,
-    resident_bytes,
     work_bytes,
 )
 from anomap.allocator import return_memory
-from anomap.data import DEFAULT_MAX_PIXELS, ImageReadError, load_image, read_header
+from anomap.data import DEFAULT_MAX_PIXELS, ImageReadError, read_header
+from anomap.inspection import FoundImage, decode
+from anomap.machine import memory_bytes
 from anomap.run import Detector, Prediction, PreparedImage
 from anomap.runfolder import run_version
 from anomap.runtimes import require
@@ -510,17 +511,11 @@ class Limits:
         """One upload -> the network's input (from the photo at full size, as
         ``predict`` reads it) and, when pictures are asked for, the photo reduced to
         the picture size; its maps come back at that size."""
-        try:
-            photo = load_image(io.BytesIO(data), self.settings.max_pixels, name=filename,
-                               draft=detector.geometry.decode_floor)
-        except ImageReadError as error:
-            return _read_error(error)
-        prepared = detector.prepare(photo)
-        if not pictures:
-            return prepared, None
-        small = report.bounded(photo, self.settings.picture_max_side)
-        del photo
-        return replace(prepared, size=(small.height, small.width)), np.asarray(small)
+        item = decode(detector, FoundImage(Path(filename), Path(filename)), pictures,
+                      picture_max_side=self.settings.picture_max_side,
+                      source=io.BytesIO(data), max_pixels=self.settings.max_pixels)
+        return _read_error(item.error) if item.error is not None else (item.prepared,
+                                                                        item.photo)
 
     async def give_back(self, holding: Holding) -> None:
         await self.uploads_pool.give(holding.upload_bytes)
@@ -679,7 +674,6 @@ def _add_station_routes(app: Any, station: Station, meters: Meters) -> None:
     """The station's recent inspections, an operator's marks, the threshold proposal
     (confirm, undo) and the drift state: what the page's station panel shows."""
     from anomap import feedback
-    from anomap.record import Query
 
     record, name = station.record, station.settings.station
     run = station.run_folder
@@ -688,21 +682,20 @@ def _add_station_routes(app: Any, station: Station, meters: Meters) -> None:
     meters.threshold.labels(name).set_function(lambda: station.detector.threshold)
 
     def inspection(inspection_id: int) -> dict[str, Any]:
-        row = next((r for r in record.rows(Query(station=name)) if r["id"] == inspection_id),
-                   None)
-        if row is None:
+        row = record.inspection(inspection_id)
+        if row is None or row["station"] != name:
             raise ServiceError(404, "unknown_inspection", f"no inspection {inspection_id}")
         return row
 
     @app.get("/v1/station")
     async def describe_station(limit: int = 50) -> dict[str, Any]:
         def read() -> dict[str, Any]:
-            rows = list(record.rows(Query(station=name)))[-max(1, min(limit, 500)):]
+            judged, rows = record.recent(name, max(1, min(limit, 500)))
             return {
                 "station": name, "model": station.model_name,
                 "model_version": station.model_version,
                 "threshold": station.detector.threshold,
-                "run_threshold": station.run_threshold, "judged": len(rows),
+                "run_threshold": station.run_threshold, "judged": judged,
                 "drift": {"watched": station.drift is not None,
                           "drifting": bool(station.drift and station.drift.drifting),
                           "evidence": station.last_drift},
@@ -711,7 +704,7 @@ def _add_station_routes(app: Any, station: Station, meters: Meters) -> None:
                             "verdict": r["verdict"], "threshold": r["threshold"],
                             "feedback": r["feedback"], "judged_at": str(r["judged_at"]),
                             "overlay": f"/v1/station/inspections/{r['id']}/overlay"
-                            if r["overlay"] else None} for r in reversed(rows)]}
+                            if r["overlay"] else None} for r in rows]}
         return await run_in_threadpool(read)
 
     @app.get("/v1/station/inspections/{inspection_id}/overlay")
@@ -964,7 +957,7 @@ def create_app(models: dict[str, Detector | str | Path], settings: ServeSettings
     exports replay their probe first (``probe``: see :meth:`Detector.load`)."""
     settings = settings or ServeSettings()
     served = load_models(models, runtime, device, probe)
-    models_bytes = resident_bytes()
+    models_bytes = memory_bytes()
     budget = (settings.budget if settings.memory_budget_bytes is None else Budget.from_total(
         settings.memory_budget_bytes, models_bytes, max_in_flight=settings.budget.max_in_flight,
         wait_s=settings.budget.wait_s))

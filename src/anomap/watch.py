@@ -81,7 +81,7 @@ class StationSettings:
     mqtt: str | None = None  # each verdict published to mqtt://HOST[:PORT]/TOPIC
 
     def url(self) -> str:
-        return self.record_url or default_url(self.folders[0] / ".anomap")
+        return self.record_url or default_url(self.folders[0])
 
 
 class DriftMonitor:
@@ -166,13 +166,7 @@ class Station:
         self.events: queue.SimpleQueue[Path] = queue.SimpleQueue()
         self.root = Path(os.path.commonpath([os.path.abspath(f)
                                              for f in self.settings.folders]))
-        self.drift = (DriftMonitor(self.reference_scores, self.detector.threshold,
-                                   self.settings.drift_window, self.settings.drift_alpha)
-                      if self.reference_scores is not None and len(self.reference_scores)
-                      else None)
-        if self.drift is None:
-            log.warning("the run holds no held-out normal scores: drift is not watched "
-                        "(recalibrate it with this version: anomap retune)")
+        self.drift = self._drift_monitor(self.reference_scores, self.detector.threshold)
 
     # ------------------------------------------------------------------ finding photos
 
@@ -234,15 +228,24 @@ class Station:
                  if now_s - c.stable_since >= self.settings.settle_s]
         return sorted(ready, key=lambda c: (c.mtime_ns, str(c.path)))
 
+    def _drift_monitor(self, reference: np.ndarray | None, threshold: float
+                       ) -> DriftMonitor | None:
+        if reference is None or not len(reference):
+            log.warning("the run holds no held-out normal scores: drift is not watched "
+                        "(recalibrate it with this version: anomap retune)")
+            return None
+        return DriftMonitor(reference, threshold, self.settings.drift_window,
+                            self.settings.drift_alpha)
+
     def use(self, detector: Detector, run: str | Path) -> None:
         """Judge with another version from the next batch on (the service's switch and
         rollback): its threshold, its held-out normals for drift, its version in rows."""
-        fresh = station_for(detector, run, self.settings)
+        version, reference = run_version(run), _normal_scores(run)
         with self._model_lock:
-            self.detector, self.model_name = detector, fresh.model_name
-            self.model_version, self.run_folder = fresh.model_version, fresh.run_folder
-            self.run_threshold, self.drift = detector.threshold, fresh.drift
-        fresh.record.close()
+            self.detector, self.model_name = detector, Path(run).name
+            self.model_version, self.run_folder = version, Path(run)
+            self.run_threshold = detector.threshold
+            self.drift = self._drift_monitor(reference, detector.threshold)
 
     def follow_threshold(self) -> None:
         """The threshold an operator's confirmed feedback set in the record, if any, in
@@ -387,10 +390,14 @@ def open_station(run: str | Path, settings: StationSettings, device: str = "auto
 def station_for(detector: Detector, run: str | Path, settings: StationSettings,
                 on_row: Callable[[dict[str, Any]], None] | None = None) -> Station:
     """A station for a Detector already loaded from ``run`` (the service's)."""
-    calibration = load_json(Path(run) / "calibration.json")
-    reference = calibration.get("normal_scores")
-    return Station(detector, settings, Path(run).name, run_version(run),
-                   None if reference is None else np.asarray(reference), on_row, Path(run))
+    return Station(detector, settings, Path(run).name, run_version(run), _normal_scores(run),
+                   on_row, Path(run))
+
+
+def _normal_scores(run: str | Path) -> np.ndarray | None:
+    """The run's held-out normals' scores (calibration.json), drift's reference."""
+    scores = load_json(Path(run) / "calibration.json").get("normal_scores")
+    return None if scores is None else np.asarray(scores)
 
 
 def stop_on_signals(stop: threading.Event) -> None:
