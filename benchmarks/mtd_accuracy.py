@@ -29,7 +29,7 @@ from anomap.machine import describe_machine
 from anomap.methods.rstpm import FUSIONS, PAIR2_TRAINING
 from anomap.orientation import ORIENTATIONS
 from anomap.run import LoadSettings
-from anomap.runfolder import load_history
+from anomap.runfolder import DataSource, load_history
 from anomap.scoring import IMAGE_SCORES
 from anomap.standardize import NORMALIZATIONS
 from anomap.train import TrainingPlan, fit
@@ -138,7 +138,12 @@ def main() -> None:
     parser.add_argument("--pair2-training", default=None, choices=PAIR2_TRAINING, help="RSTPM")
     parser.add_argument("--fusion", default=None, choices=FUSIONS, help="RSTPM")
     parser.add_argument("--decoder-width", type=int, default=None, help="RSTPM")
-    parser.add_argument("--distillation", default=None, choices=["on", "off"], help="FractalAD")
+    parser.add_argument("--distillation", default=None, choices=["on", "off", "auto"],
+                        help="FractalAD")
+    parser.add_argument("--loss-factor", type=float, default=None, help="STPM, RSTPM")
+    parser.add_argument("--discriminator", default=None, choices=["on", "off"], help="RSTPM")
+    parser.add_argument("--val-fraction", type=float, default=None,
+                        help="normals held out (default: the preset's)")
     parser.add_argument("--anomalies", default=None, choices=["fractal", "perlin"],
                         help="FractalAD")
     parser.add_argument("--seed", type=int, default=0)
@@ -165,8 +170,9 @@ def main() -> None:
                     "attention": None if args.attention is None else args.attention == "on",
                     "pair2_training": args.pair2_training,
                     "decoder_width": args.decoder_width,
-                    "distillation": None if args.distillation is None
-                    else args.distillation == "on",
+                    "distillation": args.distillation, "loss_factor": args.loss_factor,
+                    "discriminator": None if args.discriminator is None
+                    else args.discriminator == "on",
                     "anomalies": args.anomalies}  # None: the method's default
     if args.retune:  # no training: the given run's weights, read with the options above
         calibration = retune(args.retune, run, model_config, device=args.device,
@@ -175,7 +181,7 @@ def main() -> None:
     else:
         trained = fit(
             args.model,
-            args.data,
+            DataSource(str(args.data), val_fraction=args.val_fraction),
             run,
             TrainingPlan(
                 model=model_config,

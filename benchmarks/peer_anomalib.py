@@ -626,10 +626,10 @@ def train_anomap(data: Path, run_dir: Path, epochs: int, batch: int, size: int, 
     anomap_train.cache_frozen_targets = timed_cache
     try:
         started, cpu_started = time.perf_counter(), time.process_time()
-        result = anomap_train.fit("stpm", data, run_dir, preset="paper", seed=seed,
-                                  device="cpu", progress=False,
-                                  recipe_overrides={"epochs": epochs, "batch_size": batch,
-                                                    "image_size": size})
+        plan = anomap_train.TrainingPlan(
+            preset="paper-lite", seed=seed,
+            recipe={"epochs": epochs, "batch_size": batch, "image_size": size})
+        result = anomap_train.fit("stpm", data, run_dir, plan, device="cpu", progress=False)
         fit_seconds = time.perf_counter() - started
         fit_cpu_seconds = time.process_time() - cpu_started
     finally:

@@ -35,7 +35,7 @@ from anomap import Detector
 from anomap.allocator import keep_freed_memory
 from anomap.data import Geometry, discover
 from anomap.machine import describe_machine
-from anomap.methods import AnomalyModel, Recipe, build_model, get_method
+from anomap.methods import PAPER, PAPER_LITE, AnomalyModel, Recipe, build_model, get_method
 from anomap.scoring import MapReader, Thresholds, image_score
 from anomap.synth import make_anomaly_source, synthesize
 from anomap.train import build_optimizer
@@ -79,7 +79,10 @@ def build(spec: str) -> tuple[AnomalyModel, Recipe]:
     if method == "stpm":
         return build_model("stpm", backbone=variant or None, weights="random"), \
             cls.default_recipe()
-    preset = cls.presets()[variant or "paper"]
+    name = variant or PAPER
+    if name == PAPER and PAPER_LITE in cls.presets() and not cls.teachers_found(PAPER):
+        name = PAPER_LITE  # the same recipe with the offline teachers
+    preset = cls.presets()[name]
     return build_model(method, **preset.config), preset.recipe
 
 

@@ -24,7 +24,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from anomap.data import Geometry, LoadedSet, load_set
 from anomap.files import save_json
 from anomap.inference import InferenceModel
 from anomap.machine import describe_machine
-from anomap.methods import METHODS
+from anomap.methods import DEFAULT_HOLDOUT, METHODS, PAPER, PAPER_LITE
 from anomap.metrics import image_auroc, pixel_auroc
 from anomap.runfolder import (
     SELECTION_FILE,
@@ -95,9 +95,15 @@ class Candidate:
         return cls.synthetic_kinds({**cls.default_config(), **preset.config})
 
 
+#: presets that are the paper's recipe in one form: a search tries one of them
+STANDS_FOR_PAPER = (PAPER, PAPER_LITE, "cpu")
+
+
 def candidates(device_type: str = "cpu", methods: list[str] | None = None) -> list[Candidate]:
     """Each method with each of its presets, cheapest first (PatchCore: one pass), by
-    the cost the methods declare; on a CPU a ``cpu`` preset stands for ``paper``."""
+    the cost the methods declare; of ``paper``, ``paper-lite`` and ``cpu`` only the
+    one ``--preset auto`` picks here stands (a CPU's ``cpu``, ``paper-lite`` without
+    the ResNet files)."""
     names = methods or list(METHODS)
     unknown = sorted(set(names) - set(METHODS))
     if unknown:
@@ -106,8 +112,9 @@ def candidates(device_type: str = "cpu", methods: list[str] | None = None) -> li
     found = []
     for method in sorted(names, key=lambda m: METHODS[m].relative_cost):
         presets = METHODS[method].presets()
+        standing = METHODS[method].resolve_preset("auto", device_type)
         for preset, chosen in presets.items():
-            if preset == "paper" and device_type != "cuda" and "cpu" in presets:
+            if preset in STANDS_FOR_PAPER and preset != standing:
                 continue
             found.append(Candidate(method, preset, chosen.recipe.epochs))
     return found
@@ -355,7 +362,10 @@ def _train_and_judge(search: Search, candidate: Candidate, trial: Any, rung: int
         return float(before["judge"]["score"])
     began = time.monotonic()
     search.say(f"auto: {candidate.name} trains to {epochs} epochs")
-    fit(candidate.method, search.data, run,
+    # every candidate holds out the same normals to be judged on, whatever its preset says
+    data = search.data if search.data.val_fraction is not None else replace(
+        search.data, val_fraction=DEFAULT_HOLDOUT)
+    fit(candidate.method, data, run,
         TrainingPlan(preset=candidate.preset, recipe={**search.recipe, "epochs": epochs},
                      seed=search.seed),
         device=search.device, resume=(run / STATE_FILE).is_file(), progress=search.progress)

@@ -103,6 +103,43 @@ def _method_values(args: argparse.Namespace, inference_only: bool = False) -> di
     return values
 
 
+def _add_recipe_args(parser: Any) -> None:
+    """Every settable :class:`~anomap.methods.base.Recipe` field as a flag, from its
+    declaration (type, default, help): the command line reaches all of them."""
+    import typing
+
+    from anomap.methods import SELECTION_RULES, Recipe
+    from anomap.orientation import ORIENTATIONS
+
+    hints = typing.get_type_hints(Recipe)
+    choices = {"optimizer": ("sgd", "adam", "adamw"), "selection": SELECTION_RULES,
+               "augment": ORIENTATIONS}
+    for name, (default, text) in Recipe.settable().items():
+        kind = hints[name]
+        shown = "" if default in (None, ()) else f" (method's default; base {default})"
+        settings: dict[str, Any] = {"help": text + shown, "metavar": name.upper()}
+        if name in choices:
+            settings["choices"] = choices[name]
+        elif kind is bool:
+            settings["choices"] = ["on", "off"]
+        elif typing.get_origin(kind) is tuple:
+            settings.update(type=float, nargs="+")
+        else:
+            settings["type"] = next(k for k in typing.get_args(kind) or (kind,)
+                                    if k is not type(None))
+        parser.add_argument("--" + name.replace("_", "-"), **settings)
+
+
+def _recipe_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe fields given on the command line (None: not given)."""
+    from anomap.methods import Recipe
+
+    values = {name: getattr(args, name, None) for name in Recipe.settable()}
+    if values.get("drop_last") is not None:
+        values["drop_last"] = values["drop_last"] == "on"
+    return values
+
+
 def _add_calibration_args(parser: argparse.ArgumentParser, retuning: bool) -> None:
     """How the threshold is set on held-out normals (``retune`` may change it)."""
     from anomap.standardize import NORMALIZATIONS
@@ -152,8 +189,7 @@ def _add_max_pixels_arg(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from anomap.data import RESIZE_MODES
-    from anomap.methods import METHODS, SELECTION_RULES
-    from anomap.orientation import ORIENTATIONS
+    from anomap.methods import METHODS
 
     parser = argparse.ArgumentParser(
         prog="anomap", description="Unsupervised visual anomaly detection and localization.")
@@ -171,8 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     recipe = train.add_argument_group("recipe (default: the method's, or its --preset)")
     run = train.add_argument_group("the run")
     _add_data_args(data, required=False)
-    data.add_argument("--val-fraction", type=float, default=0.2, metavar="F",
-                      help="share of normal images held out to select and calibrate (0.2)")
+    data.add_argument("--val-fraction", type=float, metavar="F",
+                      help="share of normal images held out to select the epoch and set the "
+                           "threshold (default: the preset's; 0.2 except paper DRAEM and "
+                           "FractalAD, which train on all, as their code does)")
     photos.add_argument("--resize-mode", choices=RESIZE_MODES, metavar="MODE",
                         help="letterbox (default; pads with edge pixels), mirror, stretch")
     photos.add_argument("--margin", type=int, metavar="PX",
@@ -197,19 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--model auto: an Optuna storage URL to share the search "
                             "(default: SQLite beside the run)")
     model.add_argument("--preset", default="auto", metavar="NAME",
-                       help=f"auto (default: cpu on a CPU if any, else paper), paper, {presets}")
+                       help="auto (default: cpu on a CPU where the method has one, else paper, "
+                            "or paper-lite when the paper's ResNet weights are not on this "
+                            f"machine), paper, {presets}")
     _add_method_args(model, inference=False)
-    recipe.add_argument("--epochs", type=int, metavar="N")
-    recipe.add_argument("--batch-size", type=int, metavar="N")
-    recipe.add_argument("--image-size", type=int, metavar="PX", help="network input side (256)")
-    recipe.add_argument("--lr", type=float)
-    recipe.add_argument("--lr-milestones", type=float, nargs="+", metavar="F",
-                        help="fractions of the epochs where lr is multiplied by --lr-gamma")
-    recipe.add_argument("--lr-gamma", type=float, metavar="G", help="lr factor at a milestone")
-    recipe.add_argument("--augment", choices=ORIENTATIONS, metavar="KIND",
-                        help="none (default), flip, dihedral (flips and turns) of normal images")
-    recipe.add_argument("--selection", choices=SELECTION_RULES, metavar="RULE",
-                        help="kept epoch: " + ", ".join(SELECTION_RULES) + " (on held-out normals)")
+    _add_recipe_args(recipe)
     recipe.add_argument("--seed", type=int, default=0)
     run.add_argument("--out", required=True, type=Path, metavar="RUN", help="run folder to write")
     run.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1")
@@ -359,6 +389,31 @@ def build_parser() -> argparse.ArgumentParser:
     guard.add_argument("--allowed-hosts", default="", metavar="NAME[,NAME]",
                        help="Host names answered besides loopback's ('*': any); without "
                             "a key or this list, only loopback names are (no DNS rebinding)")
+
+    bench = commands.add_parser(
+        "benchmark", help="train and test every category under a folder: one table",
+        usage="anomap benchmark ROOT --out DIR [--model METHOD] [--preset NAME] "
+              "[--categories A,B] [options]",
+        description="Each category in its own run under --out (resumable: run the same "
+                    "command again); the table as benchmark.json, .md and .html beside the "
+                    "published numbers. Layouts: MVTec AD, MVTec 3D-AD (RGB), VisA (its "
+                    "split_csv), MVTec LOCO, plain folders.")
+    bench.add_argument("root", type=Path, metavar="ROOT", help="the folder of categories")
+    bench.add_argument("--out", required=True, type=Path, metavar="DIR")
+    bench.add_argument("--model", default="stpm", choices=sorted(METHODS), metavar="METHOD",
+                       help=", ".join(sorted(METHODS)) + " (default stpm)")
+    bench.add_argument("--preset", default="auto", metavar="NAME", help="as for train")
+    bench.add_argument("--categories", type=lambda text: tuple(text.split(",")),
+                       metavar="A,B", help="only these (default: every category)")
+    bench.add_argument("--val-fraction", type=float, metavar="F",
+                       help="normals held out (default: the preset's)")
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--no-progress", action="store_true")
+    _add_method_args(bench.add_argument_group("model"), inference=False)
+    _add_method_args(bench.add_argument_group("reading the map"), inference=True)
+    bench_recipe = bench.add_argument_group("recipe (default: the preset's)")
+    _add_recipe_args(bench_recipe)
+    bench_recipe.add_argument("--seed", type=int, default=0)
 
     compare = commands.add_parser(
         "compare", help="put tested runs side by side on one HTML page")
@@ -528,10 +583,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return cmd_auto(args)
     if args.data is None and not args.resume:
         raise ValueError("--data is required (unless --resume)")
-    recipe = {"epochs": args.epochs, "batch_size": args.batch_size,
-              "image_size": args.image_size, "lr": args.lr, "selection": args.selection,
-              "lr_milestones": args.lr_milestones, "lr_gamma": args.lr_gamma,
-              "augment": args.augment}
+    recipe = _recipe_values(args)
     try:
         source = None if args.data is None else DataSource(
             str(args.data), val_fraction=args.val_fraction, defect_dir=args.defect_dir,
@@ -869,6 +921,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from anomap.benchmark import TABLE_HTML, Benchmark, run_benchmark
+    from anomap.train import TrainingPlan
+
+    plan = TrainingPlan(preset=args.preset, model=_method_values(args),
+                        recipe=_recipe_values(args), seed=args.seed)
+    table = run_benchmark(Benchmark(args.root, args.model, args.out, plan, args.categories,
+                                    args.val_fraction, args.device, not args.no_progress))
+    mean = {k: "-" if v is None else f"{v:.4f}" for k, v in table["mean"].items()
+            if k in ("image_auroc", "pixel_auroc")}
+    print(f"{len(table['rows'])} categories, mean image AUROC {mean['image_auroc']}, pixel "
+          f"AUROC {mean['pixel_auroc']}; table: {args.out / TABLE_HTML}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -876,7 +943,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = {"train": cmd_train, "test": cmd_test, "retune": cmd_retune,
                "predict": cmd_predict, "export": cmd_export, "serve": cmd_serve,
                "compare": cmd_compare, "watch": cmd_watch, "history": cmd_history,
-               "samples": cmd_samples,
+               "samples": cmd_samples, "benchmark": cmd_benchmark,
                "demo": cmd_demo}[args.command]
     if getattr(args, "max_pixels", None) is not None:
         from anomap.data import set_max_pixels

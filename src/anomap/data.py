@@ -15,6 +15,7 @@ skipped, and the count of skipped files travels with the loaded set.
 from __future__ import annotations
 
 import contextlib
+import csv
 import logging
 import os
 import random
@@ -45,13 +46,21 @@ RESIZE_MODES = ("letterbox", "mirror", "stretch")
 _FILL = {"letterbox": "edge", "mirror": "symmetric", "stretch": "edge"}  # np.pad modes
 
 MVTEC_LAYOUT_HELP = """\
-Expected either an MVTec AD category:
+Expected one category of a known layout. MVTec AD (and MVTec LOCO AD):
     DIR/train/good/*.png|jpg            defect-free training images
     DIR/test/good/*                     defect-free test images
     DIR/test/<defect_type>/*            defective test images
-    DIR/ground_truth/<defect_type>/<stem>_mask.png   masks (optional)
-or a plain folder of defect-free images (DIR/*.png|jpg), with defective images
-and masks given by --defect-dir and --mask-dir."""
+    DIR/ground_truth/<defect_type>/<stem>_mask.png   masks (optional; LOCO: a
+                                        folder <stem>/ of masks, united)
+MVTec 3D-AD (its RGB images): DIR/train/good/rgb/*, DIR/test/<type>/rgb/*,
+masks DIR/test/<type>/gt/*. VisA: DIR/Data/Images/{Normal,Anomaly}/* with the
+split DIR/../split_csv/1cls.csv. Or a plain folder of defect-free images
+(DIR/*.png|jpg), with defective images in DIR/defect/ (or --defect-dir), masks
+in DIR/mask/ (or --mask-dir) and defect-free test images in DIR/test_good/."""
+#: VisA's split file, beside the category folders
+VISA_SPLIT = Path("split_csv") / "1cls.csv"
+#: a plain folder's conventional subfolders: defective images, masks, normal test images
+PLAIN_DEFECTS, PLAIN_MASKS, PLAIN_TEST_NORMALS = "defect", "mask", "test_good"
 
 
 class DataError(ValueError):
@@ -203,8 +212,14 @@ def load_image(path: str | Path | BinaryIO, max_pixels: int | None = None,
 
 
 def load_mask(path: str | Path) -> np.ndarray:
-    """A ground-truth mask as a bool array (any non-zero pixel is defective)."""
+    """A ground-truth mask as a bool array (any non-zero pixel is defective); a
+    folder of masks (MVTec LOCO: one per defect of the image) is their union."""
     path = Path(path)
+    if path.is_dir():
+        parts = [load_mask(part) for part in list_images(path)]
+        if not parts:
+            raise ImageReadError(f"{path}: mask folder holds no masks")
+        return np.logical_or.reduce(parts)
     try:
         with Image.open(path) as handle:
             handle.load()
@@ -352,9 +367,25 @@ def is_mvtec_layout(root: Path) -> bool:
     return (root / "train" / "good").is_dir()
 
 
+def layout_of(root: Path) -> str | None:
+    """Which layout a category folder is in: mvtec3d, visa, mvtec or folder (images
+    directly in it); None: none of them."""
+    if (root / "train" / "good" / "rgb").is_dir():
+        return "mvtec3d"
+    if (root / "Data" / "Images").is_dir():
+        return "visa"
+    if is_mvtec_layout(root):
+        return "mvtec"
+    if root.is_dir() and list_images(root):
+        return "folder"
+    return None
+
+
 def _find_mask(mask_dir: Path | None, stem: str) -> Path | None:
     if mask_dir is None:
         return None
+    if (mask_dir / stem).is_dir():  # MVTec LOCO: a folder of masks per image
+        return mask_dir / stem
     for name in (f"{stem}_mask", stem):
         for ext in (".png", ".bmp", ".tif", ".tiff", ".jpg"):
             candidate = mask_dir / f"{name}{ext}"
@@ -370,20 +401,78 @@ class DatasetSpec:
     root: Path
     train: list[Sample]
     test: list[Sample]
-    layout: str  # "mvtec" or "folder"
+    layout: str  # "mvtec", "mvtec3d", "visa" or "folder"
     warnings: list[str] = field(default_factory=list)
 
 
 def discover(data: str | Path, defect_dir: str | Path | None = None,
              mask_dir: str | Path | None = None, test_normal_dir: str | Path | None = None
              ) -> DatasetSpec:
-    """Find the images of a dataset, whichever of the two layouts it uses."""
+    """Find the images of one category, whichever layout it uses (MVTEC_LAYOUT_HELP)."""
     root = Path(data)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder.\n{MVTEC_LAYOUT_HELP}")
-    if is_mvtec_layout(root) and defect_dir is None:
+    layout = None if defect_dir is not None else layout_of(root)
+    if layout == "mvtec3d":
+        return _discover_mvtec3d(root)
+    if layout == "visa":
+        return _discover_visa(root)
+    if layout == "mvtec":
         return _discover_mvtec(root)
+    if defect_dir is None and (root / PLAIN_DEFECTS).is_dir():
+        defect_dir = root / PLAIN_DEFECTS
+        mask_dir = mask_dir or ((root / PLAIN_MASKS) if (root / PLAIN_MASKS).is_dir() else None)
+        test_normal_dir = test_normal_dir or (
+            (root / PLAIN_TEST_NORMALS) if (root / PLAIN_TEST_NORMALS).is_dir() else None)
     return _discover_folder(root, defect_dir, mask_dir, test_normal_dir)
+
+
+def _discover_mvtec3d(root: Path) -> DatasetSpec:
+    """MVTec 3D-AD's RGB images: <split>/<type>/rgb/, masks in <split>/<type>/gt/."""
+    train = [Sample(p) for p in list_images(root / "train" / "good" / "rgb")]
+    if not train:
+        raise DataError(f"{root / 'train' / 'good' / 'rgb'}: no images found")
+    test, warnings = [], []
+    test_root = root / "test"
+    for type_dir in sorted(p for p in test_root.iterdir() if p.is_dir()) \
+            if test_root.is_dir() else []:
+        label = 0 if type_dir.name == "good" else 1
+        gt_dir = type_dir / "gt"
+        for path in list_images(type_dir / "rgb") if (type_dir / "rgb").is_dir() else []:
+            mask = _find_mask(gt_dir if gt_dir.is_dir() else None, path.stem)
+            if label and mask is None:
+                warnings.append(f"{path}: no mask in {gt_dir}")
+            test.append(Sample(path, label, type_dir.name, mask))
+    return DatasetSpec(root, train, test, "mvtec3d", warnings)
+
+
+def _discover_visa(root: Path) -> DatasetSpec:
+    """A VisA category: its rows of the split CSV (object, split, label, image, mask;
+    paths relative to the CSV's parent's parent), found beside the category."""
+    split = next((c for c in (root.parent / VISA_SPLIT, root / VISA_SPLIT) if c.is_file()),
+                 None)
+    if split is None:
+        raise DataError(f"{root}: a VisA category needs its split file at "
+                         f"{root.parent / VISA_SPLIT} (VisA's split_csv/1cls.csv)")
+    base = split.parent.parent
+    train, test, warnings = [], [], []
+    with split.open(newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            if row.get("object") != root.name:
+                continue
+            path = base / row["image"]
+            if row["split"] == "train":
+                train.append(Sample(path))
+                continue
+            label = int(row["label"] != "normal")
+            mask = base / row["mask"] if label and row.get("mask") else None
+            if label and (mask is None or not mask.is_file()):
+                warnings.append(f"{path}: no mask ({row.get('mask') or 'none listed'})")
+                mask = None
+            test.append(Sample(path, label, "anomaly" if label else "good", mask))
+    if not train:
+        raise DataError(f"{split}: no training rows for object {root.name!r}")
+    return DatasetSpec(root, train, test, "visa", warnings)
 
 
 def _discover_mvtec(root: Path) -> DatasetSpec:

@@ -30,7 +30,7 @@ import torch
 
 from anomap.data import Geometry, Sample, discover, split_holdout
 from anomap.files import save_json
-from anomap.methods import AnomalyModel, build_untrained
+from anomap.methods import DEFAULT_HOLDOUT, AnomalyModel, build_untrained
 from anomap.standardize import PositionStats, check_normalization
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ class DataSource:
     """Where a run's images come from, and how many normals it holds out."""
 
     root: str
-    val_fraction: float = 0.2
+    val_fraction: float | None = None  # None: the preset's (DEFAULT_HOLDOUT unless it says)
     defect_dir: str | None = None
     mask_dir: str | None = None
     test_normal_dir: str | None = None
@@ -198,7 +198,9 @@ def normal_split(config: RunConfig) -> tuple[list[Sample], list[Sample]]:
     spec = discover(config.data.root)
     for warning in spec.warnings:
         log.warning(warning)
-    return split_holdout(spec.train, config.data.val_fraction, config.seed)
+    fraction = config.data.val_fraction
+    return split_holdout(spec.train, DEFAULT_HOLDOUT if fraction is None else fraction,
+                         config.seed)
 
 
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu",

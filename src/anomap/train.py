@@ -52,6 +52,7 @@ from anomap.runfolder import (
 )
 from anomap.scoring import MapReader
 from anomap.standardize import PositionStats, check_normalization, require_enough_images
+from anomap.synth.augment import color_jitter
 from anomap.synth.check import synthetic_check_set
 from anomap.version import __version__
 
@@ -67,8 +68,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(recipe: Recipe, params: list[torch.nn.Parameter]
+def build_optimizer(recipe: Recipe, params: list[torch.nn.Parameter] | list[dict[str, Any]]
                     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The recipe's optimiser and schedule over ``params`` (tensors, or a method's
+    parameter groups, each of which may set its own weight decay)."""
     name = recipe.optimizer.lower()
     if name == "sgd":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(
@@ -241,12 +244,13 @@ def fit(method: str, data: str | Path | DataSource | None, run_dir: str | Path,
         chosen = method_cls.presets()[preset]
         from_preset = {k: v for k, v in chosen.config.items() if k not in given}
         recipe = chosen.recipe.updated(**(recipe_overrides or {}))
+        data = _resolved(data, chosen.holdout)
         config = RunConfig(
             anomap_version=__version__, method=method_cls.name, preset=preset,
             model={**method_cls.default_config(), **chosen.config, **given},
             recipe=asdict(recipe),
             geometry=Geometry(recipe.image_size, resize_mode or "letterbox", margin or 0),
-            data=_resolved(data), seed=plan.seed, threshold_quantile=plan.threshold_quantile,
+            data=data, seed=plan.seed, threshold_quantile=plan.threshold_quantile,
             map_normalization=map_normalization or chosen.map_normalization,
             command=" ".join(sys.argv))
     recipe_dict = dict(config.recipe)
@@ -295,6 +299,9 @@ def fit(method: str, data: str | Path | DataSource | None, run_dir: str | Path,
     history = train_loop(model, recipe, train_set, val_set, geometry, run_dir,
                          device=torch_device, seed=seed, resume=resume, progress=progress,
                          calibration=calibration, ranks=ranks)
+    if ranks.is_main:
+        _finish_training(model, train_set, val_set, geometry, run_dir, recipe, calibration,
+                         torch_device, seed, progress)
     if val_set is None and ranks.is_main:  # nothing held out: calibrate on the training images
         reading = MapReader(geometry, model.config).read_set(
             model, train_set, device=torch_device, batch_size=recipe.batch_size,
@@ -307,11 +314,39 @@ def fit(method: str, data: str | Path | DataSource | None, run_dir: str | Path,
             **load_calibration(run_dir)}
 
 
-def _resolved(data: str | Path | DataSource | None) -> DataSource:
+def _finish_training(model: AnomalyModel, train_set: LoadedSet, val_set: LoadedSet | None,
+                     geometry: Geometry, run_dir: Path, recipe: Recipe,
+                     calibration: Calibration, device: torch.device, seed: int,
+                     progress: bool) -> None:
+    """A method's second stage (RSTPM's discriminator), once, on the kept epoch's
+    weights; model.pt and the threshold then include it."""
+    if type(model).finish_training is AnomalyModel.finish_training:
+        return
+    weights = run_dir / WEIGHTS_FILE
+    kept = torch.load(weights, map_location="cpu", weights_only=False)
+    if "finished" in kept:
+        model.load_state_dict(kept["model"])
+        return
+    model.load_state_dict(kept["model"])
+    finished = model.finish_training(train_set.images, device=device, seed=seed,
+                                     progress=progress)
+    if not finished:
+        return
+    _save_checkpoint({**kept, "model": model.state_dict(), "finished": finished}, weights)
+    if val_set is not None:
+        reading = MapReader(geometry, model.config).read_set(
+            model, val_set, batch_size=recipe.batch_size, device=device, progress=False)
+        calibration.write(reading.maps, reading.scores, kept["epoch"])
+
+
+def _resolved(data: str | Path | DataSource | None, holdout: float) -> DataSource:
+    """The data source with absolute folders and its hold-out settled (``holdout``,
+    the preset's, unless the source gives one)."""
     if data is None:
         raise ValueError("--data is required (unless --resume)")
     source = data if isinstance(data, DataSource) else DataSource(root=str(data))
-    return replace(source, root=str(Path(source.root).resolve()), **{
+    fraction = holdout if source.val_fraction is None else source.val_fraction
+    return replace(source, root=str(Path(source.root).resolve()), val_fraction=fraction, **{
         name: str(getattr(source, name)) for name in ("defect_dir", "mask_dir",
                                                       "test_normal_dir")
         if getattr(source, name)})
@@ -401,7 +436,7 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
     # a method with nothing to learn by gradient (PatchCore) memorises the images instead
     memorizing = not model.trainable_parameters()
     optimizer, scheduler = ((None, None) if memorizing
-                            else build_optimizer(recipe, model.trainable_parameters()))
+                            else build_optimizer(recipe, model.parameter_groups()))
     start_epoch, best_val, history = 0, float("inf"), []
     state_path = run_dir / STATE_FILE
     if resume and state_path.is_file():
@@ -417,17 +452,19 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
     model.to(device).train()
     step_fn = None if memorizing else _training_step(model, device, ranks)
     n = len(train_set)
-    batch_size = min(recipe.batch_size, n)
+    batch_size = min(recipe.batch_size, recipe.epoch_samples or n)
     # Augmented images change every epoch, so their frozen targets must be computed anew.
-    targets = (None if recipe.augment != "none" or memorizing else
+    altered = recipe.augment != "none" or recipe.color_jitter > 0
+    targets = (None if altered or memorizing else
                cache_frozen_targets(model, train_set, batch_size=batch_size, device=device,
                                     progress=progress))
-    steps = (n + batch_size - 1) // batch_size
+    per_epoch = recipe.epoch_samples or n
+    steps = steps_per_epoch(recipe, n)
     epochs = tqdm(range(start_epoch, recipe.epochs), desc="epochs", initial=start_epoch,
                   total=recipe.epochs, disable=not progress, unit="epoch")
     for epoch in epochs:
         started = time.perf_counter()
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        order = epoch_order(n, per_epoch, seed * 100_003 + epoch)
         variants = torch.Generator().manual_seed(seed * 100_003 + epoch + AUGMENT_STREAM)
         total, seen = 0.0, 0
         if memorizing:
@@ -444,6 +481,8 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
             # uint8 travels to the device (4x less than float), then is converted and turned there
             images = train_set.images[index].to(device, non_blocking=True)
             images = random_orientations(to_float(images), recipe.augment, variants)
+            if recipe.color_jitter > 0:  # one jitter per image, before any anomaly is pasted
+                images = color_jitter(images, recipe.color_jitter, variants)
             batch_targets = (None if targets is None
                              else [t[index.to(t.device)] for t in targets])
             losses = {k: v.mean() for k, v in step_fn(images, batch_targets).items()}  # GPU mean
@@ -471,6 +510,7 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
             model.train()
         # Lower is better; NaN (no validation) always counts as better: the latest is kept.
         criterion = {"val_score": val_score, "last": -float(epoch + 1),
+                     "val_map_mean": float(maps.mean()) if val_set is not None else val_score,
                      "synthetic": -sum(judged.values()) / 2 if judged else float("nan")
                      }[recipe.selection]
         val_score, criterion = ranks.broadcast([val_score, criterion])  # rank 0 judged
@@ -499,6 +539,26 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
         epochs.set_postfix(loss=f"{history[-1]['loss']:.4f}", val=f"{val_score:.4g}",
                            best=f"{best_val:.4g}")
     return history
+
+
+def steps_per_epoch(recipe: Recipe, n: int) -> int:
+    """Optimiser steps in one epoch over ``n`` training images (FractalAD's paper
+    recipe: 391 samples in batches of 32, the short one dropped: 12)."""
+    samples = recipe.epoch_samples or n
+    batch = min(recipe.batch_size, samples)
+    if recipe.drop_last and samples >= batch:
+        return samples // batch
+    return (samples + batch - 1) // batch
+
+
+def epoch_order(n: int, samples: int, seed: int) -> torch.Tensor:
+    """The image indices of one epoch: ``samples`` of the ``n`` images (all of them
+    repeated in turn when more, as FractalAD's dataset does), shuffled by ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    if samples == n:
+        return torch.randperm(n, generator=generator)
+    cycled = torch.arange(samples) % n
+    return cycled[torch.randperm(samples, generator=generator)]
 
 
 def _batches(train_set: LoadedSet, batch_size: int, device: torch.device, progress: bool

@@ -20,6 +20,7 @@ from anomap.backbones.base import Backbone, check_strides
 from anomap.backbones.weights import (
     IncompatibleWeightsError,
     WeightsUnavailableError,
+    imagenet_available,
     imagenet_state_dict,
     load_checked,
     read_state_dict,
@@ -131,4 +132,5 @@ __all__ = [
     "check_strides",
     "create_backbone",
     "create_classifier",
+    "imagenet_available",
 ]

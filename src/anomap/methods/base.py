@@ -19,7 +19,12 @@ from torch import nn
 from anomap.orientation import check_orientation
 from anomap.scoring import IMAGE_SCORES, check_score_options, image_score
 
-SELECTION_RULES = ("val_score", "last", "synthetic")
+SELECTION_RULES = ("val_score", "val_map_mean", "last", "synthetic")
+#: the paper presets of methods with pretrained teachers name the papers' networks;
+#: ``paper-lite`` is the same recipe with the offline EfficientNet-Lite teachers
+PAPER, PAPER_LITE = "paper", "paper-lite"
+#: share of the normal images held out by default (selection and calibration)
+DEFAULT_HOLDOUT = 0.2
 
 
 @dataclass(frozen=True)
@@ -88,25 +93,40 @@ AnomalyShare = Annotated[float, Opt("share of training images given a synthetic 
                                     metavar="P")]
 
 
+def _about(text: str, **kwargs: Any) -> Any:
+    """A recipe field with its help text, which ``anomap train``'s flags show."""
+    return field(metadata={"help": text}, **kwargs)
+
+
 @dataclass
 class Recipe:
-    """How a method is trained by default; every field can be overridden."""
+    """How a method is trained by default; every field can be overridden, from
+    Python or as ``anomap train --<field>`` (the help below is the flag's)."""
 
-    epochs: int = 100
-    batch_size: int = 32
-    image_size: int = 256
-    optimizer: str = "sgd"  # sgd | adam | adamw
-    lr: float = 0.4
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_milestones: tuple[float, ...] = ()  # fractions of the epochs at which lr *= lr_gamma
-    lr_gamma: float = 0.1
-    # Which epoch's weights become model.pt, judged on held-out normals only:
-    # "val_score" lowest mean score (STPM), "last" the final epoch (DRAEM's
-    # code), "synthetic" best AUROC on synthetic anomalies pasted into them.
-    selection: str = "val_score"
-    # Random flips / right-angle turns of the training images (anomap.orientation).
-    augment: str = "none"
+    epochs: int = _about("training epochs", default=100)
+    batch_size: int = _about("images per step", default=32)
+    image_size: int = _about("network input side in pixels", default=256)
+    optimizer: str = _about("sgd, adam or adamw", default="sgd")
+    lr: float = _about("learning rate", default=0.4)
+    momentum: float = _about("SGD momentum", default=0.9)
+    weight_decay: float = _about("L2 penalty (AdamW: decoupled)", default=1e-4)
+    lr_milestones: tuple[float, ...] = _about(
+        "fractions of the epochs where lr is multiplied by lr_gamma", default=())
+    lr_gamma: float = _about("lr factor at a milestone", default=0.1)
+    # Which epoch's weights become model.pt, judged on held-out normals only.
+    selection: str = _about(
+        "kept epoch: val_score (lowest mean held-out image score), val_map_mean (lowest "
+        "mean held-out map, STPM's code), last, synthetic (best on synthetic anomalies)",
+        default="val_score")
+    augment: str = _about("none, flip, dihedral: random flips / right-angle turns",
+                          default="none")
+    epoch_samples: int | None = _about(
+        "samples per epoch: the images repeated to this many (FractalAD's 391); "
+        "default one pass", default=None)
+    drop_last: bool = _about("skip an epoch's last, smaller batch", default=False)
+    color_jitter: float = _about(
+        "brightness, contrast, saturation and hue jitter of each training image "
+        "(FractalAD's 0.05); 0: none", default=0.0)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -114,6 +134,16 @@ class Recipe:
             raise ValueError(f"unknown selection {self.selection!r}: "
                              f"{', '.join(SELECTION_RULES)}")
         check_orientation(self.augment)
+        if self.epoch_samples is not None and self.epoch_samples < 1:
+            raise ValueError(f"epoch_samples must be positive, got {self.epoch_samples}")
+        if not 0.0 <= self.color_jitter <= 1.0:
+            raise ValueError(f"color_jitter must lie in [0, 1], got {self.color_jitter}")
+
+    @classmethod
+    def settable(cls) -> dict[str, tuple[Any, str]]:
+        """Every field a user may set: name -> (default, help)."""
+        return {f.name: (f.default, f.metadata["help"]) for f in fields(cls)
+                if "help" in f.metadata}
 
     def updated(self, **overrides: Any) -> Recipe:
         """A copy with the non-None overrides applied (unknown names are an error)."""
@@ -136,6 +166,10 @@ class Preset:
     config: dict[str, Any] = field(default_factory=dict)
     map_normalization: str = "none"
     use: str = ""
+    #: share of the normal images held out to select the epoch and set the threshold;
+    #: 0: train on all of them (the official DRAEM and FractalAD code), calibrate on
+    #: the training images (docs/usage.md says what that costs)
+    holdout: float = DEFAULT_HOLDOUT
 
 
 class AnomalyModel(nn.Module):
@@ -200,22 +234,56 @@ class AnomalyModel(nn.Module):
 
     @classmethod
     def presets(cls) -> dict[str, Preset]:
-        """Named starting points. ``paper`` is the faithful setting; a method too
-        heavy for a CPU adds a measured ``cpu`` one, and a method may add
+        """Named starting points. ``paper`` is the faithful setting; a method with
+        pretrained teachers adds ``paper-lite`` (the same with the offline teachers),
+        a method too heavy for a CPU a measured ``cpu`` one, and a method may add
         others measured for a kind of data."""
-        return {"paper": Preset(cls.default_recipe(), use="the paper's recipe")}
+        return {PAPER: Preset(cls.default_recipe(), use="the paper's recipe")}
+
+    @classmethod
+    def teacher_presets(cls, recipe: Recipe, papers: dict[str, Any],
+                        config: dict[str, Any] | None = None, holdout: float = DEFAULT_HOLDOUT
+                        ) -> dict[str, Preset]:
+        """``paper`` with the papers' teachers (``papers``: their backbone options) and
+        ``paper-lite``, the same recipe and ``config`` with the offline EfficientNet-Lite
+        teachers (the options' defaults)."""
+        named = ", ".join(str(v) for k, v in papers.items() if k.endswith("backbone"))
+        config = config or {}
+        return {PAPER: Preset(recipe, {**config, **papers}, holdout=holdout,
+                              use=f"the paper's recipe and teachers ({named}; their "
+                                  "ImageNet weights from a file, docs/usage.md)"),
+                PAPER_LITE: Preset(recipe, dict(config), holdout=holdout,
+                                   use="the paper's recipe with the offline EfficientNet-Lite "
+                                       "teachers")}
+
+    @classmethod
+    def teachers_found(cls, preset: str) -> bool:
+        """Whether the ImageNet weights ``preset``'s teachers need are on this machine."""
+        from anomap.backbones import imagenet_available
+
+        config = {**cls.default_config(), **cls.presets()[preset].config}
+        for backbone, weights in (("backbone", "weights"), ("second_backbone", "second_weights")):
+            if backbone in config and config.get(weights) == "imagenet" \
+                    and not imagenet_available(config[backbone]):
+                return False
+        return True
 
     @classmethod
     def resolve_preset(cls, name: str, device_type: str) -> str:
-        """``auto``: the faithful setting on a GPU, the CPU setting (if the
-        method has one) on a CPU."""
+        """``auto``: the ``cpu`` setting on a CPU where the method has one, else
+        ``paper``, or ``paper-lite`` when the paper's teachers' weights are not here."""
         available = cls.presets()
         if name == "auto":
-            return "cpu" if device_type != "cuda" and "cpu" in available else "paper"
+            if device_type != "cuda" and "cpu" in available:
+                return "cpu"
+            if PAPER_LITE in available and not cls.teachers_found(PAPER):
+                return PAPER_LITE
+            return PAPER
         if name not in available:
             choices = "; ".join(f"{key} ({preset.use})" for key, preset in available.items())
-            raise ValueError(f"{cls.name} has no preset {name!r}; available: auto (paper on a "
-                             f"GPU, cpu where there is one on a CPU); {choices}")
+            raise ValueError(f"{cls.name} has no preset {name!r}; available: auto (cpu on a "
+                             f"CPU where there is one, else paper, or paper-lite without the "
+                             f"paper's teacher weights); {choices}")
         return name
 
     @classmethod
@@ -277,6 +345,16 @@ class AnomalyModel(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def finish_training(self, images: torch.Tensor, *, device: torch.device, seed: int,
+                        progress: bool = False) -> list[dict[str, float]]:
+        """A second stage, trained after the loop on the kept epoch's weights, on the
+        training ``images`` (uint8): its per-epoch history. Most methods have none."""
+        return []
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The optimiser's parameter groups; a group may set its own ``weight_decay``."""
+        return [{"params": self.trainable_parameters()}]
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Maps and scores read as a stretched photo with no position statistics

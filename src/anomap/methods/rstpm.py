@@ -32,6 +32,16 @@ student gets its gradients from pair 1's loss only, so ``fusion="pair1"`` is
 an STPM trained with the same recipe, in the same run, at the epoch RSTPM
 kept: what pair 2 adds, measured on one student. ``map_strides`` picks levels
 as in STPM.
+
+``discriminator`` (the IROS 2022 follow-up's): DRAEM's discriminative U-Net
+(:mod:`anomap.unet`) reads the level-summed maps (one channel per level) and
+segments DRAEM's synthetic anomalies, trained with the focal loss after the
+students, from the epoch the recipe kept, with every other network frozen
+(Adam lr 1e-4, x0.2 at 80% and 90% of ``discriminator_epochs``). At test time
+its anomaly channel multiplies the fused map. The paper's text gives no more
+than "a discriminative network trained with pseudo-anomalies from anomaly
+maps": the details follow the one public reimplementation
+(SZU-AdvTech-2022/272-..., DisTrain.py), docs/rstpm.md.
 """
 
 from __future__ import annotations
@@ -55,12 +65,15 @@ from anomap.methods.base import (
 )
 from anomap.methods.stpm import STPM, normalized_distance
 from anomap.synth import LazyAnomalySource, synthesize, write_sample_grid
+from anomap.unet import DiscriminativeNetwork, focal_loss, init_weights
 
 #: ``pair1`` and ``pair2`` read one pair alone, to measure what the other adds
 FUSIONS = ("level-sum", "product", "pair-sum", "pair1", "pair2")
 PAIR2_TRAINING = ("normal", "synthetic")
 #: teacher 1's level that the reconstructing student starts from
 DECODER_INPUT_STRIDE = 32
+#: the discriminator's batch (the reimplementation's is 24; 8 bounds a CPU's memory)
+DISCRIMINATOR_BATCH = 8
 
 
 def fuse_maps(pair1: list[torch.Tensor], pair2: list[torch.Tensor], rule: str) -> torch.Tensor:
@@ -177,6 +190,13 @@ class RSTPM(STPM):
                  decoder_width: Annotated[int, Opt(
                      "decoder channels at stride 4", metavar="C")] = 32,
                  anomaly_source: AnomalySourceName = None, p_anomaly: AnomalyShare = 0.5,
+                 discriminator: Annotated[bool, Opt(
+                     "a U-Net on the maps, trained after the students on synthetic "
+                     "anomalies; it multiplies the map (IROS 2022)")] = False,
+                 discriminator_width: Annotated[int, Opt(
+                     "the discriminator's width (DRAEM's 64)", metavar="C")] = 16,
+                 discriminator_epochs: Annotated[int, Opt(
+                     "the discriminator's epochs, after the students'", metavar="N")] = 10,
                  **config: Any) -> None:
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}: one of {', '.join(FUSIONS)}")
@@ -191,7 +211,9 @@ class RSTPM(STPM):
                          attention=bool(attention), pair2_training=pair2_training,
                          fusion=fusion, decoder_width=int(decoder_width),
                          anomaly_source=None if anomaly_source is None else str(anomaly_source),
-                         p_anomaly=float(p_anomaly), **config)
+                         p_anomaly=float(p_anomaly), discriminator=bool(discriminator),
+                         discriminator_width=int(discriminator_width),
+                         discriminator_epochs=int(discriminator_epochs), **config)
         levels = tuple(self.config["strides"])
         self.teacher2 = create_backbone(second_backbone, out_strides=levels,
                                         weights=second_weights)
@@ -202,6 +224,11 @@ class RSTPM(STPM):
                                                     strict=True)),
             width=int(decoder_width), attention=bool(attention))
         self.textures = LazyAnomalySource(self.config["anomaly_source"])
+        self.discriminator = None
+        if discriminator:
+            self.discriminator = DiscriminativeNetwork(int(discriminator_width),
+                                                       in_channels=len(levels))
+            self.discriminator.apply(init_weights)
 
     @classmethod
     def teacher_strides(cls, strides: tuple[int, ...]) -> tuple[int, ...]:
@@ -210,13 +237,19 @@ class RSTPM(STPM):
 
     @classmethod
     def synthetic_kinds(cls, config: dict[str, Any]) -> set[str]:
-        """Pair 2 rebuilds images with DRAEM's textures pasted in, when asked to."""
-        return {"texture"} if config.get("pair2_training") == "synthetic" else set()
+        """Pair 2 rebuilds images with DRAEM's textures pasted in, when asked to, and
+        the discriminator segments them."""
+        synthetic = config.get("pair2_training") == "synthetic" or config.get("discriminator")
+        return {"texture"} if synthetic else set()
 
     @classmethod
     def presets(cls) -> dict[str, Preset]:
+        """``paper``: ResNet-18 and ResNet-50 teachers (the paper's), trained with the
+        official STPM code's recipe on which the paper builds."""
         stpm = STPM.presets()["large-defects"]
-        return {"paper": Preset(cls.default_recipe(), use="the paper's recipe (STPM's)"),
+        return {**cls.teacher_presets(cls.paper_recipe(), {"backbone": "resnet18",
+                                                          "second_backbone": "resnet50"},
+                                      {"loss_factor": 1.0}),
                 "large-defects": Preset(stpm.recipe, stpm.config,
                                         map_normalization=stpm.map_normalization,
                                         use="STPM's large-defects settings for both pairs")}
@@ -227,6 +260,8 @@ class RSTPM(STPM):
         parts = [f"pair 2 {config.get('second_backbone', defaults['second_backbone'])}"]
         if not config.get("attention", True):
             parts.append("no attention")
+        if config.get("discriminator"):
+            parts.append(f"discriminator {config.get('discriminator_width', 16)} wide")
         if config.get("pair2_training", "normal") == "synthetic":
             parts.append("pair 2 on synthetic anomalies")
         parts.append(f"fusion {config.get('fusion', defaults['fusion'])}")
@@ -236,6 +271,73 @@ class RSTPM(STPM):
         super().train(mode)
         self.teacher2.eval()
         return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The students; the discriminator trains in its own stage, after them."""
+        skip = ({id(p) for p in self.discriminator.parameters()}
+                if self.discriminator is not None else set())
+        return [p for p in super().trainable_parameters() if id(p) not in skip]
+
+    def finish_training(self, images: torch.Tensor, *, device: torch.device, seed: int,
+                        progress: bool = False) -> list[dict[str, float]]:
+        """Train the discriminator on ``images`` (uint8, the training set) with every
+        other network frozen; -> its per-epoch history ([] without one)."""
+        if self.discriminator is None:
+            return []
+        from tqdm.auto import tqdm
+
+        generator = torch.Generator().manual_seed(seed)
+        self.discriminator.apply(init_weights)
+        self.requires_grad_(False)
+        self.discriminator.requires_grad_(True)
+        epochs = self.config["discriminator_epochs"]
+        optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=1e-4)
+        schedule = torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, sorted({max(1, round(f * epochs)) for f in (0.8, 0.9)}), 0.2)
+        batch = DISCRIMINATOR_BATCH
+        history = []
+        self.eval()
+        self.discriminator.train()
+        for epoch in tqdm(range(epochs), desc="discriminator", disable=not progress,
+                          unit="epoch"):
+            order, total = torch.randperm(len(images), generator=generator), 0.0
+            for start in range(0, len(images) - 1, batch):  # a batch of 1 breaks BatchNorm
+                index = order[start:start + batch]
+                clean = images[index].to(device).float().div_(255)
+                with torch.no_grad():
+                    augmented, masks = synthesize(clean, self.textures.get(clean.shape[-1]),
+                                                  p_anomaly=self.config["p_anomaly"])
+                summed = self.level_sums(augmented)
+                loss = focal_loss(self._discriminate(summed).softmax(dim=1), masks)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) * len(index)
+            schedule.step()
+            history.append({"epoch": epoch + 1, "focal": total / len(images)})
+        self.requires_grad_(True)
+        self.teacher.requires_grad_(False)
+        self.teacher2.requires_grad_(False)
+        self.eval()
+        return history
+
+    def _discriminate(self, summed: torch.Tensor) -> torch.Tensor:
+        """2-class logits of the (B, levels, H, W) summed maps; sizes not divisible
+        by 32 are edge-padded and cropped back, as DRAEM does."""
+        assert self.discriminator is not None
+        h, w = summed.shape[-2:]
+        ph, pw = -h % 32, -w % 32
+        x = F.pad(summed, (0, pw, 0, ph), mode="replicate") if ph or pw else summed
+        return self.discriminator(x)[..., :h, :w]
+
+    def level_sums(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, levels, S, S): each trained level's two maps summed, the discriminator's
+        input, computed without gradients: its loss can never reach the students."""
+        with torch.no_grad():
+            maps = self.level_maps(images)
+        levels = len(self.config["strides"])
+        return torch.stack([a + b for a, b in zip(maps[:levels], maps[levels:],
+                                                  strict=True)], dim=1)
 
     def _split(self, targets: list[torch.Tensor]
                ) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
@@ -272,8 +374,9 @@ class RSTPM(STPM):
     def training_loss(self, images: torch.Tensor, targets: list[torch.Tensor] | None = None
                       ) -> dict[str, torch.Tensor]:
         pair1, pair2 = self._pairs(images, targets)
-        first = [normalized_distance(t, s).mean() for t, s in pair1]
-        second = [normalized_distance(t, s).mean() for t, s in pair2]
+        factor = 2 * self.config["loss_factor"]  # normalized_distance holds 1/2
+        first = [factor * normalized_distance(t, s).mean() for t, s in pair1]
+        second = [factor * normalized_distance(t, s).mean() for t, s in pair2]
         losses = {f"pair1_level{i}": v.detach() for i, v in enumerate(first)}
         losses |= {f"pair2_level{i}": v.detach() for i, v in enumerate(second)}
         losses["loss"] = torch.stack(first).sum() + torch.stack(second).sum()
@@ -293,8 +396,12 @@ class RSTPM(STPM):
         used = [i for i, s in enumerate(strides) if s in (self.config.get("map_strides")
                                                           or strides)]
         pair1, pair2 = maps[:len(strides)], maps[len(strides):]
-        return fuse_maps([pair1[i] for i in used], [pair2[i] for i in used],
-                         self.config["fusion"])
+        fused = fuse_maps([pair1[i] for i in used], [pair2[i] for i in used],
+                          self.config["fusion"])
+        if self.discriminator is None:
+            return fused
+        summed = torch.stack([a + b for a, b in zip(pair1, pair2, strict=True)], dim=1)
+        return fused * self._discriminate(summed).softmax(dim=1)[:, 1]
 
     def write_training_samples(self, images: torch.Tensor, path: Any, n: int = 8) -> Path:
         """Pair 2's inputs when it trains on synthetic anomalies (normal | anomaly | mask)."""

@@ -6,11 +6,19 @@ teacher's L2-normalised features at three pyramid levels. On a defect the
 student, never having seen one, disagrees with the teacher: the disagreement
 is the anomaly map.
 
-Recipe (paper): levels at strides 4, 8, 16; loss = sum over levels of
-1/2 * mean over positions of ||t/|t| - s/|s|||^2; SGD lr 0.4, momentum 0.9,
-weight decay 1e-4, batch 32, 100 epochs; map = product over levels of the
-per-position 1/2 * squared distance (we use the squared distance, as the
-loss does), bilinearly upsampled; image score = max of the map. Option
+Preset ``paper`` is the official code's experiment (gdwang08/STFPM, main.py):
+ImageNet ResNet-18 teacher, random student, levels at strides 4, 8, 16
+(layer1-3); loss = sum over levels of the mean over positions of
+||t/|t| - s/|s|||^2, with no 1/2 (``loss_factor`` 1; the paper's equation
+has 1/2, the default ``loss_factor`` here, which halves the step); SGD lr 0.4,
+momentum 0.9, weight decay 1e-4, batch 32, 100 epochs, 256 px, no
+augmentation; 20% of the normals held out, and the epoch kept is the one with
+the lowest mean held-out anomaly map (selection ``val_map_mean``); map =
+product over levels of the per-position squared distance, bilinearly
+upsampled; image score = max of the map. ``paper-lite`` is the same with the
+offline EfficientNet-Lite0 teacher. What still differs: the code multiplies
+the levels at 64x64 and then resizes, we upsample each level to the input
+first; its hold-out is sklearn's split, ours our seeded shuffle. Option
 ``score_window`` (default 1, the paper's) takes the max after a KxK mean
 filter instead; 21 scored better on every model measured (docs/results/mtd.md).
 ``image_score="mean"`` takes the mean of the whole map: on MTD, with the map
@@ -48,6 +56,9 @@ from anomap.methods.base import (
 
 MapStrides = Annotated[list[int] | None, Opt(
     "trained levels read into the map (default all)", inference=True, metavar="S")]
+LossFactor = Annotated[float, Opt(
+    "factor on the squared distance in the loss: 0.5 (the paper's equation) or 1 (its "
+    "official code, --preset paper)", metavar="F")]
 
 
 def unit_vectors(features: torch.Tensor) -> torch.Tensor:
@@ -78,7 +89,7 @@ class STPM(AnomalyModel):
     def __init__(self, backbone: BackboneName = "efficientnet_lite0",
                  weights: TeacherWeights = "imagenet", strides: Strides = (4, 8, 16),
                  score_window: ScoreWindow = 1, map_strides: MapStrides = None,
-                 **config: Any) -> None:
+                 loss_factor: LossFactor = 0.5, **config: Any) -> None:
         strides = tuple(strides)
         if map_strides is not None and (not map_strides or set(map_strides) - set(strides)):
             raise ValueError(f"map_strides {list(map_strides)} must be some of the trained "
@@ -86,7 +97,7 @@ class STPM(AnomalyModel):
         super().__init__(backbone=backbone, weights=weights, strides=list(strides),
                          score_window=int(score_window),
                          map_strides=None if map_strides is None else sorted(map_strides),
-                         **config)
+                         loss_factor=float(loss_factor), **config)
         self.teacher = create_backbone(backbone, out_strides=self.teacher_strides(strides),
                                        weights=weights)
         self.teacher.requires_grad_(False)
@@ -111,10 +122,17 @@ class STPM(AnomalyModel):
         return parts
 
     @classmethod
+    def paper_recipe(cls) -> Recipe:
+        """The official code's (main.py): the default recipe, the epoch kept by the
+        lowest mean held-out map."""
+        return cls.default_recipe().updated(selection="val_map_mean")
+
+    @classmethod
     def presets(cls) -> dict[str, Preset]:
         large_defects = cls.default_recipe().updated(batch_size=8, lr_milestones=(0.8, 0.9),
                                                       lr_gamma=0.1)
-        return {**super().presets(),
+        return {**cls.teacher_presets(cls.paper_recipe(), {"backbone": "resnet18"},
+                                      {"loss_factor": 1.0}),
                 "large-defects": Preset(
                     large_defects,
                     {"strides": [8, 16, 32], "map_strides": [32], "image_score": "mean"},
@@ -143,8 +161,9 @@ class STPM(AnomalyModel):
     def training_loss(self, images: torch.Tensor, targets: list[torch.Tensor] | None = None
                       ) -> dict[str, torch.Tensor]:
         teacher, student = self._features(images, targets)
-        per_level = [normalized_distance(t, s).mean() for t, s in zip(teacher, student,
-                                                                      strict=True)]
+        factor = 2 * self.config["loss_factor"]  # normalized_distance holds 1/2
+        per_level = [factor * normalized_distance(t, s).mean()
+                     for t, s in zip(teacher, student, strict=True)]
         losses = {f"level{i}": level.detach() for i, level in enumerate(per_level)}
         losses["loss"] = torch.stack(per_level).sum()
         return losses

@@ -136,6 +136,8 @@ def fractal_mask(size: int, rng: np.random.Generator, n_points: int = N_POINTS) 
 #: FractalAD's anomaly parameters (official code): patch side as a share of the
 #: image's shorter side, where corners may lie, rotation, noise
 PATCH_SIDE = (0.1, 0.5)
+#: on an object (foreground on): the patch side as a share of the object's shorter side
+OBJECT_PATCH_SIDE = (0.05, 1.5)
 CORNER_RANGE = (0.1, 0.9)
 ROTATION_DEGREES = (15.0, 75.0)
 NOISE_AMPLITUDE = 10 / 255
@@ -164,7 +166,8 @@ def _recolour(patch: torch.Tensor, generator: torch.Generator | None) -> torch.T
 
 def _corner(length: int, side: int, generator: torch.Generator | None) -> int:
     """A patch corner in [0.1, 0.9] of ``length`` less the patch ``side``."""
-    low, high = CORNER_RANGE[0] * length, CORNER_RANGE[1] * length - side
+    low = min(CORNER_RANGE[0] * length, length - side)  # a patch too big starts earlier
+    high = CORNER_RANGE[1] * length - side
     return int(_uniform(low, max(low, high), generator))
 
 
@@ -179,14 +182,27 @@ def _place(height: int, width: int, side: int, generator: torch.Generator | None
     return top, left
 
 
+def object_side(foreground: torch.Tensor) -> int:
+    """The shorter side of the object's bounding box (the official code takes its
+    rotated minimum-area rectangle's, from OpenCV)."""
+    rows = torch.nonzero(foreground.any(dim=1)).flatten()
+    cols = torch.nonzero(foreground.any(dim=0)).flatten()
+    return int(min(rows[-1] - rows[0], cols[-1] - cols[0])) + 1
+
+
 def paste_fractal_anomaly(image: torch.Tensor, generator: torch.Generator | None = None,
                           grey: bool = False, foreground: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """(3, H, W) in [0, 1] -> (the image with one anomaly, its (H, W) 0/1 mask before
     dilation). The anomaly is never empty; ``grey``: the patch stays grey;
-    ``foreground`` (H, W bool): cut and paste on the object only."""
+    ``foreground`` (H, W bool): cut and paste on the object only, the patch side
+    a share of the object's, as the official code sizes it."""
     _, height, width = image.shape
-    side = max(4, int(_uniform(*PATCH_SIDE, generator) * min(height, width)))
+    if foreground is not None and foreground.any():
+        side = int(_uniform(*OBJECT_PATCH_SIDE, generator) * object_side(foreground))
+    else:
+        side = int(_uniform(*PATCH_SIDE, generator) * min(height, width))
+    side = min(max(4, side), min(height, width) - 1)
     top, left = _place(height, width, side, generator, foreground)
     patch = _recolour(image[:, top:top + side, left:left + side], generator)
     if grey:
@@ -219,17 +235,28 @@ def paste_fractal_anomaly(image: torch.Tensor, generator: torch.Generator | None
 
 
 def fractal_anomalies(images: torch.Tensor, generator: torch.Generator | None = None,
-                      foreground: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      foreground: bool = False, scale: int = 1
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 3, H, W) in [0, 1] -> (images each with one anomaly, masks (B, 1, H, W) 0/1),
     the masks dilated as FractalAD's targets are, noise in half of the samples.
-    ``foreground``: on each image's object only (:mod:`anomap.synth.foreground`)."""
+    ``foreground``: on each image's object only (:mod:`anomap.synth.foreground`).
+    ``scale`` > 1 cuts, turns and pastes at that multiple of the size and brings the
+    anomaly back down with area averaging, as the official code pastes on the photo
+    before resizing it: soft edges and fine fractal strokes instead of hard pixels.
+    Outside the anomaly the images are untouched."""
     grey = is_grayscale(images).tolist()
-    objects = ([torch.from_numpy(foreground_mask(image)) for image in images] if foreground
+    work = images if scale == 1 else F.interpolate(images, scale_factor=scale,
+                                                   mode="bilinear", align_corners=False)
+    objects = ([torch.from_numpy(foreground_mask(image)) for image in work] if foreground
                else [None] * len(images))
     pasted = [paste_fractal_anomaly(image, generator, g, fg)
-              for image, g, fg in zip(images, grey, objects, strict=True)]
+              for image, g, fg in zip(work, grey, objects, strict=True)]
     out = torch.stack([image for image, _ in pasted])
     masks = torch.stack([mask for _, mask in pasted])[:, None]
+    if scale != 1:  # the anomaly's share of each pixel blends it into the original
+        cover = F.avg_pool2d(masks, scale)
+        out = images * (1 - cover) + F.avg_pool2d(out * masks, scale)
+        masks = (cover > 0).to(masks)  # every pixel the anomaly touches
     for _ in range(DILATIONS):
         masks = F.max_pool2d(masks, 3, stride=1, padding=1)
     noisy = (torch.rand(len(images), generator=generator) < 0.5).to(images)
