@@ -268,7 +268,7 @@ FRACTALAD_LONGEST = (fractalad_long_run_epochs() or [(0, "fractalad_lite0_e10")]
 #: the README's results table: MTD, one row per method and recipe (¹ ² ³ are the
 #: README's footnotes: settings chosen after seeing the test split, and so on)
 README_ROWS = [
-    Row("STPM, paper recipe", "stpm_lite0_letterbox_e100",
+    Row("STPM, paper recipe as first built ³", "stpm_lite0_letterbox_e100",
         speed=("speed_methods", "stpm:efficientnet_lite0")),
     Row("STPM, `--preset large-defects` ¹",
         "stpm_lite0_strides8-32_b8_e100_lr-step80-90_map32_mean_position"),
@@ -276,16 +276,24 @@ README_ROWS = [
         "stpm_lite0_strides8-32_b8_e300_lr-step80-90_map32_mean_position"),
     Row("DRAEM, `--preset cpu` (128 px, narrow networks)", "draem_cpu",
         speed=("speed_128", "draem:cpu")),
-    Row("RSTPM, paper recipe (Lite1 second teacher)", "rstpm_lite0-lite1_e100",
+    Row("RSTPM, paper recipe as first built (Lite1 second teacher) ³", "rstpm_lite0-lite1_e100",
         speed=("speed_methods", "rstpm:paper")),
-    Row("FractalAD, paper recipe, stopped before its last epoch", FRACTALAD_LONGEST,
+    Row("FractalAD, paper recipe as first built, stopped before its last epoch ³",
+        FRACTALAD_LONGEST,
         speed=("speed_methods", "fractalad:paper")),
-    Row("STPM, paper recipe", "stpm_lite0_e10", speed=("speed_methods", "stpm:efficientnet_lite0")),
-    Row("RSTPM, paper recipe", "rstpm_lite0-lite1_e10", speed=("speed_methods", "rstpm:paper")),
-    Row("FractalAD, paper recipe", "fractalad_lite0_e10",
+    Row("STPM, paper recipe as first built ³", "stpm_lite0_e10",
+        speed=("speed_methods", "stpm:efficientnet_lite0")),
+    Row("STPM, `--preset paper-lite`", "stpm_paper-lite_e10",
+        speed=("speed_methods", "stpm:efficientnet_lite0")),
+    Row("RSTPM, paper recipe as first built ³", "rstpm_lite0-lite1_e10",
+        speed=("speed_methods", "rstpm:paper")),
+    Row("RSTPM, `--preset paper-lite`", "rstpm_paper-lite_e10",
+        speed=("speed_methods", "rstpm:paper")),
+    Row("FractalAD, paper recipe as first built ³", "fractalad_lite0_e10",
         speed=("speed_methods", "fractalad:paper")),
+    Row("FractalAD, `--preset paper-lite` (10 epochs of 391 samples)", "fractalad_paper-lite_e10"),
     Row("FractalAD, `--distillation off` ²", "fractalad_lite0_nodistill_e10"),
-    Row("FractalAD, `--preset cpu` (the paper's recipe, 30 epochs)",
+    Row("FractalAD, `--preset cpu` (the paper's recipe as first built, 30 passes) ³",
         "fractalad_lite0_preset-cpu", speed=("speed_methods", "fractalad:paper")),
 ]
 
@@ -311,17 +319,17 @@ METHOD_ROWS = {
     "stpm": ("a student copies a frozen ImageNet teacher's feature pyramid on normal images; "
              "where they disagree is the anomaly",
              "the default: fast, small defects; `--preset large-defects` for large, "
-             "low-contrast ones on textures", "`paper` runs in minutes",
+             "low-contrast ones on textures", "`paper-lite` runs in minutes",
              "stpm_lite0_letterbox_e100",
              "stpm_lite0_strides8-32_b8_e100_lr-step80-90_map32_mean_position"),
     "rstpm": ("STPM's pair plus a second teacher (Lite1) whose pyramid a decoder rebuilds "
               "from teacher 1's deepest features, with attention gates; six maps fused",
-              "more accuracy than STPM at 2-3x its cost", "`paper`",
+              "more accuracy than STPM at 2-3x its cost", "`paper-lite`",
               "rstpm_lite0-lite1_e100", None),
     "fractalad": ("pastes fractal-shaped patches of each image into itself and segments them "
                   "from where a student stops matching a frozen teacher",
                   "objects and textures; learns what a defect looks like",
-                  "`cpu`: the paper's recipe for 30 epochs",
+                  "`cpu`: 30 passes over the images",
                   FRACTALAD_LONGEST, "fractalad_lite0_preset-cpu"),
     "draem": ("a network paints synthetic defects away; a U-Net segments where input and "
               "reconstruction differ", "nothing pretrained allowed; a GPU for the paper recipe",
@@ -331,7 +339,7 @@ METHOD_ROWS = {
 
 def methods_table(here: Path = REPOSITORY) -> str:
     lines = ["| method | what it learns | use it for | on a CPU | MTD image AUROC: paper recipe "
-             "/ other preset |", "|---|---|---|---|---|"]
+             "as first built, Lite teachers / other preset |", "|---|---|---|---|---|"]
     for method, (learns, use, cpu, paper, best) in METHOD_ROWS.items():
         cells = []
         for name in (paper, best):
@@ -501,25 +509,31 @@ def _runtime_runs() -> list[str]:
 PAPER_ROWS = [
     Row("STPM, the paper recipe as first built: loss x1/2, lowest mean held-out score",
         "stpm_paper-lite_old-loss-selection_e10"),
-    Row("STPM, the same run recorded before (earlier code, another machine)", "stpm_lite0_e10"),
+    Row("STPM, the same recipe recorded before (earlier code; its JSON names no CPU)",
+        "stpm_lite0_e10"),
     Row("STPM, `--preset paper-lite`: the official loss (no 1/2) and selection "
         "(lowest mean held-out map)", "stpm_paper-lite_e10"),
-    Row("RSTPM (Lite0 + Lite1), the paper recipe as first built (earlier code)",
+    Row("RSTPM (Lite0 + Lite1), the paper recipe as first built (earlier code; no CPU named)",
         "rstpm_lite0-lite1_e10"),
     Row("RSTPM, `--preset paper-lite`", "rstpm_paper-lite_e10"),
     Row("RSTPM, `--preset paper-lite --discriminator on` (width 16, 10 epochs after the "
         "students)", "rstpm_paper-lite_discriminator_e10"),
     Row("FractalAD (Lite0), the paper recipe as first built: 10 passes over the 610 "
-        "images, distillation on, 20% held out (earlier code)", "fractalad_lite0_e10"),
+        "images, distillation on, 20% held out (earlier code; no CPU named)",
+        "fractalad_lite0_e10"),
     Row("FractalAD, `--preset paper-lite`: 10 epochs of 391 samples, distillation and "
         "foreground decided (off: a texture), head weight decay 0.01, shared jitter, "
         "pasted at 2x, every image trained on", "fractalad_paper-lite_e10"),
+    Row("DRAEM, `--preset cpu` for 5 epochs, 20% held out (earlier code; no CPU named)",
+        "draem_cpu_e5"),
+    Row("DRAEM, the same on every normal image (`--val-fraction 0`, as `paper` does)",
+        "draem_cpu_e5_all-normals"),
 ]
 
 
 def papers_table(here: Path = REPOSITORY) -> str:
-    lines = ["| MTD, 10 epochs, seed 0 | image AUROC | pixel AUROC | AUPRO | training min "
-             "| command |", "|---|---|---|---|---|---|"]
+    lines = ["| MTD, seed 0, Lite teachers, 10 epochs unless said | image AUROC | pixel AUROC "
+             "| AUPRO | training min, as run | command |", "|---|---|---|---|---|---|"]
     for row in PAPER_ROWS:
         if not (MTD / f"{row.name}.json").exists():
             continue

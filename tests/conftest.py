@@ -28,14 +28,16 @@ def toy_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def fit_toy(method: str, data: Path, run: Path, *, epochs: int, image_size: int,
-            **options: Any) -> Path:
-    """A short seeded training on the toy set (batch 8, stretched to a square)."""
+            recipe: dict[str, Any] | None = None, **options: Any) -> Path:
+    """A short seeded training on the toy set (batch 8, stretched to a square; ``recipe``:
+    more fields)."""
     fit(
         method,
         data,
         run,
         TrainingPlan(
-            recipe={"epochs": epochs, "batch_size": 8, "image_size": image_size},
+            recipe={"epochs": epochs, "batch_size": 8, "image_size": image_size,
+                    **(recipe or {})},
             resize_mode="stretch",
             seed=0,
             **options,

@@ -62,6 +62,9 @@ def test_a_candidate_is_never_judged_on_the_kinds_it_trained_on() -> None:
     assert pool[0].method == "patchcore"  # the cheapest is tried first
     assert "draem:paper" not in {c.name for c in pool}  # on a CPU its cpu preset stands in
     assert "draem:paper" in {c.name for c in candidates("cuda")}
+    # one of paper, paper-lite and cpu per method: here (no ResNet files) paper-lite
+    assert "stpm:paper-lite" in {c.name for c in pool} and "stpm:paper" not in {
+        c.name for c in pool}
 
 
 @pytest.mark.timeout(300)
@@ -102,7 +105,7 @@ def test_a_killed_search_resumes_to_the_same_choice(toy_data: Path, tmp_path: Pa
     candidate_runs = out.with_name("killed.auto") / "candidates"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:  # first candidate done
-        if (candidate_runs / "stpm-paper" / "history.csv").is_file():
+        if (candidate_runs / "stpm-paper-lite" / "history.csv").is_file():
             break
         time.sleep(0.2)
     process.kill()

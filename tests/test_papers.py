@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from anomap.backbones import create_classifier
-from anomap.benchmark import Benchmark
+from anomap.benchmark import Benchmark, find_categories
 from anomap.cli import _recipe_values, build_parser, main
 from anomap.data import discover, load_mask
 from anomap.demo import make_demo_dataset
@@ -278,6 +278,11 @@ def test_each_layout_reads(tmp_path: Path) -> None:
     assert (spec.layout, len(spec.train), sorted(s.label for s in spec.test)) == (
         "folder", 3, [0, 1])
     assert all(s.mask_path is not None for s in spec.test if s.label)
+    # the benchmark finds each layout's categories (a root, or one category itself)
+    assert [p.name for p in find_categories(visa)] == ["candle"]
+    assert [p.name for p in find_categories(tmp_path / "3d")] == ["bagel"]
+    assert [p.name for p in find_categories(loco)] == ["juice_bottle"]
+    assert [p.name for p in find_categories(plain)] == ["plain"]
 
 
 TINY = {"epochs": 1, "batch_size": 4, "image_size": 32}

@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from anomap.data import VISA_SPLIT, layout_of
+from anomap.data import PLAIN_DEFECTS, PLAIN_MASKS, PLAIN_TEST_NORMALS, VISA_SPLIT, layout_of
 from anomap.evaluate import evaluate_run
 from anomap.files import save_json, save_text
 from anomap.run import LoadSettings
@@ -62,11 +62,14 @@ def find_categories(root: Path, wanted: tuple[str, ...] | None = None) -> list[P
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"{root}: no such folder")
-    if layout_of(root) in ("mvtec", "mvtec3d", "visa"):
+    layout = layout_of(root)
+    if layout in ("mvtec", "mvtec3d", "visa") or (layout == "folder"
+                                                  and (root / PLAIN_DEFECTS).is_dir()):
         found = {root.name: root}
     else:
+        skipped = {VISA_SPLIT.parts[0], PLAIN_DEFECTS, PLAIN_MASKS, PLAIN_TEST_NORMALS}
         found = {p.name: p for p in sorted(root.iterdir())
-                 if p.is_dir() and not p.name.startswith(".") and p.name != VISA_SPLIT.parts[0]
+                 if p.is_dir() and not p.name.startswith(".") and p.name not in skipped
                  and layout_of(p) is not None}
     if wanted:
         missing = [name for name in wanted if name not in found]

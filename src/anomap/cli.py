@@ -114,19 +114,19 @@ def _add_recipe_args(parser: Any) -> None:
     hints = typing.get_type_hints(Recipe)
     choices = {"optimizer": ("sgd", "adam", "adamw"), "selection": SELECTION_RULES,
                "augment": ORIENTATIONS}
-    for name, (default, text) in Recipe.settable().items():
+    for name, (_, text) in Recipe.settable().items():
         kind = hints[name]
-        shown = "" if default in (None, ()) else f" (method's default; base {default})"
-        settings: dict[str, Any] = {"help": text + shown, "metavar": name.upper()}
+        settings: dict[str, Any] = {"help": text}
         if name in choices:
-            settings["choices"] = choices[name]
+            settings.update(choices=choices[name], metavar="NAME")
         elif kind is bool:
-            settings["choices"] = ["on", "off"]
+            settings.update(choices=["on", "off"], metavar="on|off")
         elif typing.get_origin(kind) is tuple:
-            settings.update(type=float, nargs="+")
+            settings.update(type=float, nargs="+", metavar="F")
         else:
             settings["type"] = next(k for k in typing.get_args(kind) or (kind,)
                                     if k is not type(None))
+            settings["metavar"] = "N" if settings["type"] is int else "X"
         parser.add_argument("--" + name.replace("_", "-"), **settings)
 
 

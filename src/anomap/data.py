@@ -433,12 +433,11 @@ def _discover_mvtec3d(root: Path) -> DatasetSpec:
     if not train:
         raise DataError(f"{root / 'train' / 'good' / 'rgb'}: no images found")
     test, warnings = [], []
-    test_root = root / "test"
-    for type_dir in sorted(p for p in test_root.iterdir() if p.is_dir()) \
-            if test_root.is_dir() else []:
+    types = sorted(p for p in (root / "test").glob("*") if (p / "rgb").is_dir())
+    for type_dir in types:
         label = 0 if type_dir.name == "good" else 1
         gt_dir = type_dir / "gt"
-        for path in list_images(type_dir / "rgb") if (type_dir / "rgb").is_dir() else []:
+        for path in list_images(type_dir / "rgb"):
             mask = _find_mask(gt_dir if gt_dir.is_dir() else None, path.stem)
             if label and mask is None:
                 warnings.append(f"{path}: no mask in {gt_dir}")

@@ -497,12 +497,12 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
         if scheduler is not None:
             scheduler.step()
         train_seconds = time.perf_counter() - started
-        val_score, judged = float("nan"), {}
+        val_score, val_map, judged = float("nan"), float("nan"), {}
         if val_set is not None and ranks.is_main:
             reading = MapReader(geometry, model.config).read_set(
                 model, val_set, batch_size=recipe.batch_size, device=device, progress=False)
             maps, scores = reading.maps, reading.scores
-            val_score = float(scores.mean())
+            val_score, val_map = float(scores.mean()), float(maps.mean())
             if check is not None:
                 image, pixel = synthetic_aurocs(model, geometry, check, maps, scores,
                                                 batch_size=recipe.batch_size, device=device)
@@ -510,7 +510,7 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
             model.train()
         # Lower is better; NaN (no validation) always counts as better: the latest is kept.
         criterion = {"val_score": val_score, "last": -float(epoch + 1),
-                     "val_map_mean": float(maps.mean()) if val_set is not None else val_score,
+                     "val_map_mean": val_map,
                      "synthetic": -sum(judged.values()) / 2 if judged else float("nan")
                      }[recipe.selection]
         val_score, criterion = ranks.broadcast([val_score, criterion])  # rank 0 judged
@@ -523,7 +523,7 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
             if calibration is not None and val_set is not None:
                 calibration.write(maps, scores, epoch + 1)
         history.append({"epoch": epoch + 1, "loss": total / max(seen, 1),
-                        "val_mean_score": val_score, **judged,
+                        "val_mean_score": val_score, "val_mean_map": val_map, **judged,
                         "lr": epoch_lr,
                         "seconds": round(time.perf_counter() - started, 3),
                         "train_images_per_second": round(seen / train_seconds, 3),
@@ -589,7 +589,9 @@ def _save_checkpoint(state: dict[str, Any], path: Path, epochs_before: int | Non
 
 def _write_history(history: list[dict[str, Any]], path: Path) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(history[0]), lineterminator="\n")
+    # every epoch's keys: a run resumed by a newer anomap may log more columns
+    fields = list(dict.fromkeys(key for epoch in history for key in epoch))
+    writer = csv.DictWriter(buffer, fieldnames=fields, restval="nan", lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
     save_text(buffer.getvalue(), path)

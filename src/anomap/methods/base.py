@@ -111,7 +111,7 @@ class Recipe:
     momentum: float = _about("SGD momentum", default=0.9)
     weight_decay: float = _about("L2 penalty (AdamW: decoupled)", default=1e-4)
     lr_milestones: tuple[float, ...] = _about(
-        "fractions of the epochs where lr is multiplied by lr_gamma", default=())
+        "fractions of the epochs where lr is multiplied by --lr-gamma", default=())
     lr_gamma: float = _about("lr factor at a milestone", default=0.1)
     # Which epoch's weights become model.pt, judged on held-out normals only.
     selection: str = _about(
@@ -120,9 +120,9 @@ class Recipe:
         default="val_score")
     augment: str = _about("none, flip, dihedral: random flips / right-angle turns",
                           default="none")
-    epoch_samples: int | None = _about(
+    epoch_samples: int = _about(
         "samples per epoch: the images repeated to this many (FractalAD's 391); "
-        "default one pass", default=None)
+        "0: one pass over the images", default=0)
     drop_last: bool = _about("skip an epoch's last, smaller batch", default=False)
     color_jitter: float = _about(
         "brightness, contrast, saturation and hue jitter of each training image "
@@ -134,8 +134,9 @@ class Recipe:
             raise ValueError(f"unknown selection {self.selection!r}: "
                              f"{', '.join(SELECTION_RULES)}")
         check_orientation(self.augment)
-        if self.epoch_samples is not None and self.epoch_samples < 1:
-            raise ValueError(f"epoch_samples must be positive, got {self.epoch_samples}")
+        if self.epoch_samples < 0:
+            raise ValueError(f"epoch_samples must be 0 (one pass) or more, got "
+                             f"{self.epoch_samples}")
         if not 0.0 <= self.color_jitter <= 1.0:
             raise ValueError(f"color_jitter must lie in [0, 1], got {self.color_jitter}")
 

@@ -140,8 +140,9 @@ class PatchCore(AnomalyModel):
 
     @classmethod
     def presets(cls) -> dict[str, Preset]:
-        return {"paper": Preset(cls.default_recipe(),
-                                use="the paper's recipe with anomap's offline teacher")}
+        """``paper``: the paper's WideResNet-50 (layers 2 and 3: strides 8 and 16);
+        ``paper-lite``: the offline EfficientNet-Lite0 teacher."""
+        return cls.teacher_presets(cls.default_recipe(), {"backbone": "wide_resnet50_2"})
 
     @classmethod
     def option_phrases(cls, config: dict[str, Any]) -> list[str]:
