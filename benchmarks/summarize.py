@@ -517,7 +517,8 @@ PAPER_ROWS = [
         "rstpm_lite0-lite1_e10"),
     Row("RSTPM, `--preset paper-lite`", "rstpm_paper-lite_e10"),
     Row("RSTPM, `--preset paper-lite --discriminator on` (width 16, 10 epochs after the "
-        "students)", "rstpm_paper-lite_discriminator_e10"),
+        "students, about 36 min more as run, not in the minutes column)",
+        "rstpm_paper-lite_discriminator_e10"),
     Row("FractalAD (Lite0), the paper recipe as first built: 10 passes over the 610 "
         "images, distillation on, 20% held out (earlier code; no CPU named)",
         "fractalad_lite0_e10"),

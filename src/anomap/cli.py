@@ -931,8 +931,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                                     args.val_fraction, args.device, not args.no_progress))
     mean = {k: "-" if v is None else f"{v:.4f}" for k, v in table["mean"].items()
             if k in ("image_auroc", "pixel_auroc")}
-    print(f"{len(table['rows'])} categories, mean image AUROC {mean['image_auroc']}, pixel "
-          f"AUROC {mean['pixel_auroc']}; table: {args.out / TABLE_HTML}")
+    count = len(table["rows"])
+    print(f"{count} categor{'y' if count == 1 else 'ies'}, mean image AUROC "
+          f"{mean['image_auroc']}, pixel AUROC {mean['pixel_auroc']}; table: "
+          f"{args.out / TABLE_HTML}")
     return 0
 
 

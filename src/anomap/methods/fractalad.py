@@ -186,7 +186,7 @@ class FractalAD(AnomalyModel):
                      "weight decay of the head when it trains alone (no student); default "
                      "the recipe's", metavar="WD")] = None,
                  **config: Any) -> None:
-        if isinstance(distillation, bool):  # runs before 0.9 saved a bool
+        if isinstance(distillation, bool):  # runs saved before it could be auto
             distillation = "on" if distillation else "off"
         if anomalies not in ANOMALIES:
             raise ValueError(f"unknown anomalies {anomalies!r}: one of {', '.join(ANOMALIES)}")
