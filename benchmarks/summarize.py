@@ -14,7 +14,7 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -240,6 +240,13 @@ class Row:
     speed: tuple[str, str] | None = None  # (speed/<file>.json, model key): one-sitting speed
 
 
+def _recorded(rows: list[Row]) -> Iterator[tuple[Row, dict]]:
+    """The curated rows whose MTD record exists, each with its record."""
+    for row in rows:
+        if (MTD / f"{row.name}.json").exists():
+            yield row, mtd_record(row.name)
+
+
 def _end_to_end(row: Row, record: dict) -> str:
     """Batch-8 end-to-end images/s from a one-sitting speed file when the row names one,
     else what ``anomap test`` measured (marked: other jobs may have shared the CPU)."""
@@ -302,10 +309,7 @@ def readme_results(here: Path = REPOSITORY) -> str:
     lines = ["| MTD, Lite0 teacher, 256 px letterbox, seed 0 | epochs | image AUROC | pixel AUROC "
              "| AUPRO | training min | img/s end to end, batch 8 | evidence |",
              "|---|---|---|---|---|---|---|---|"]
-    for row in README_ROWS:
-        if not (MTD / f"{row.name}.json").exists():
-            continue
-        r = mtd_record(row.name)
+    for row, r in _recorded(README_ROWS):
         m = r["metrics"]
         lines.append(f"| {row.label} | {_epochs(r)} | {_fmt(m['image_auroc'])} "
                      f"| {_fmt(m['pixel_auroc'])} | {_fmt(m['aupro'])} "
@@ -535,10 +539,7 @@ PAPER_ROWS = [
 def papers_table(here: Path = REPOSITORY) -> str:
     lines = ["| MTD, seed 0, Lite teachers, 10 epochs unless said | image AUROC | pixel AUROC "
              "| AUPRO | training min, as run | command |", "|---|---|---|---|---|---|"]
-    for row in PAPER_ROWS:
-        if not (MTD / f"{row.name}.json").exists():
-            continue
-        r = mtd_record(row.name)
+    for row, r in _recorded(PAPER_ROWS):
         m = r["metrics"]
         lines.append(f"| {row.label} | {_fmt(m['image_auroc'])} | {_fmt(m['pixel_auroc'])} "
                      f"| {_fmt(m['aupro'])} | {r['train_seconds'] / 60:.0f} "

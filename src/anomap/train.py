@@ -324,10 +324,9 @@ def _finish_training(model: AnomalyModel, train_set: LoadedSet, val_set: LoadedS
         return
     weights = run_dir / WEIGHTS_FILE
     kept = torch.load(weights, map_location="cpu", weights_only=False)
-    if "finished" in kept:
-        model.load_state_dict(kept["model"])
-        return
     model.load_state_dict(kept["model"])
+    if "finished" in kept:  # a resumed run whose second stage is done
+        return
     finished = model.finish_training(train_set.images, device=device, seed=seed,
                                      progress=progress)
     if not finished:
@@ -452,13 +451,13 @@ def train_loop(model: AnomalyModel, recipe: Recipe, train_set: LoadedSet,
     model.to(device).train()
     step_fn = None if memorizing else _training_step(model, device, ranks)
     n = len(train_set)
-    batch_size = min(recipe.batch_size, recipe.epoch_samples or n)
+    per_epoch = recipe.epoch_samples or n
+    batch_size = min(recipe.batch_size, per_epoch)
     # Augmented images change every epoch, so their frozen targets must be computed anew.
     altered = recipe.augment != "none" or recipe.color_jitter > 0
     targets = (None if altered or memorizing else
                cache_frozen_targets(model, train_set, batch_size=batch_size, device=device,
                                     progress=progress))
-    per_epoch = recipe.epoch_samples or n
     steps = steps_per_epoch(recipe, n)
     epochs = tqdm(range(start_epoch, recipe.epochs), desc="epochs", initial=start_epoch,
                   total=recipe.epochs, disable=not progress, unit="epoch")

@@ -60,6 +60,17 @@ class DiscriminativeNetwork(nn.Module):
         return self.head(x)
 
 
+#: the discriminative U-Net pools five times: its input sides are multiples of this
+MULTIPLE = 32
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int = MULTIPLE) -> torch.Tensor:
+    """Edge-pad (B, C, H, W) on the bottom and right to sides divisible by ``multiple``;
+    the caller crops outputs back to ``x``'s size."""
+    ph, pw = -x.shape[-2] % multiple, -x.shape[-1] % multiple
+    return F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
+
+
 def init_weights(module: nn.Module) -> None:
     """The official initialisation: conv weights N(0, 0.02), BN scale N(1, 0.02), BN shift 0."""
     if isinstance(module, nn.Conv2d):

@@ -60,7 +60,14 @@ from anomap.synth import (
     synthesize,
     write_sample_grid,
 )
-from anomap.unet import DiscriminativeNetwork, conv_block, focal_loss, init_weights, upsampling
+from anomap.unet import (
+    DiscriminativeNetwork,
+    conv_block,
+    focal_loss,
+    init_weights,
+    pad_to_multiple,
+    upsampling,
+)
 
 # A CPU setting, chosen by measurement: one training step (synthesis, forward,
 # backward, Adam), batch 8, one thread, on a 2-core machine whose other core
@@ -139,7 +146,6 @@ class DRAEM(AnomalyModel):
 
     name = "draem"
     relative_cost = 2.0  # two U-Nets trained from scratch
-    multiple = 32  # five poolings in the discriminative network
 
     def __init__(self, base_width: Annotated[int, Opt(
                      "reconstructive network's width (paper 128)", metavar="C")] = 128,
@@ -194,8 +200,7 @@ class DRAEM(AnomalyModel):
         """Reconstruction and 2-class logits; sizes not divisible by 32 are
         edge-padded and the outputs cropped back."""
         h, w = images.shape[-2:]
-        ph, pw = -h % self.multiple, -w % self.multiple
-        x = F.pad(images, (0, pw, 0, ph), mode="replicate") if ph or pw else images
+        x = pad_to_multiple(images)
         recon = self.reconstructive(x)
         logits = self.discriminative(torch.cat((recon, x), dim=1))
         return recon[..., :h, :w], logits[..., :h, :w]

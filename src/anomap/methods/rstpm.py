@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomap.backbones import create_backbone
+from anomap.data import to_float
 from anomap.methods.base import (
     AnomalyShare,
     AnomalySourceName,
@@ -65,7 +66,7 @@ from anomap.methods.base import (
 )
 from anomap.methods.stpm import STPM, normalized_distance
 from anomap.synth import LazyAnomalySource, synthesize, write_sample_grid
-from anomap.unet import DiscriminativeNetwork, focal_loss, init_weights
+from anomap.unet import DiscriminativeNetwork, focal_loss, init_weights, pad_to_multiple
 
 #: ``pair1`` and ``pair2`` read one pair alone, to measure what the other adds
 FUSIONS = ("level-sum", "product", "pair-sum", "pair1", "pair2")
@@ -87,6 +88,13 @@ def fuse_maps(pair1: list[torch.Tensor], pair2: list[torch.Tensor], rule: str) -
     if rule in ("pair1", "pair2"):
         return torch.stack(pair1 if rule == "pair1" else pair2).prod(dim=0)
     return torch.stack(pair1).prod(dim=0) + torch.stack(pair2).prod(dim=0)
+
+
+def _summed(maps: list[torch.Tensor], levels: int) -> torch.Tensor:
+    """Six (B, S, S) level maps, pair 1's then pair 2's -> (B, levels, S, S) of their
+    per-level sums: the discriminator's input."""
+    return torch.stack([a + b for a, b in zip(maps[:levels], maps[levels:], strict=True)],
+                       dim=1)
 
 
 def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
@@ -303,7 +311,7 @@ class RSTPM(STPM):
             order, total = torch.randperm(len(images), generator=generator), 0.0
             for start in range(0, len(images) - 1, batch):  # a batch of 1 breaks BatchNorm
                 index = order[start:start + batch]
-                clean = images[index].to(device).float().div_(255)
+                clean = to_float(images[index].to(device))
                 with torch.no_grad():
                     augmented, masks = synthesize(clean, self.textures.get(clean.shape[-1]),
                                                   p_anomaly=self.config["p_anomaly"])
@@ -326,18 +334,13 @@ class RSTPM(STPM):
         by 32 are edge-padded and cropped back, as DRAEM does."""
         assert self.discriminator is not None
         h, w = summed.shape[-2:]
-        ph, pw = -h % 32, -w % 32
-        x = F.pad(summed, (0, pw, 0, ph), mode="replicate") if ph or pw else summed
-        return self.discriminator(x)[..., :h, :w]
+        return self.discriminator(pad_to_multiple(summed))[..., :h, :w]
 
     def level_sums(self, images: torch.Tensor) -> torch.Tensor:
         """(B, levels, S, S): each trained level's two maps summed, the discriminator's
         input, computed without gradients: its loss can never reach the students."""
         with torch.no_grad():
-            maps = self.level_maps(images)
-        levels = len(self.config["strides"])
-        return torch.stack([a + b for a, b in zip(maps[:levels], maps[levels:],
-                                                  strict=True)], dim=1)
+            return _summed(self.level_maps(images), len(self.config["strides"]))
 
     def _split(self, targets: list[torch.Tensor]
                ) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
@@ -400,8 +403,7 @@ class RSTPM(STPM):
                           self.config["fusion"])
         if self.discriminator is None:
             return fused
-        summed = torch.stack([a + b for a, b in zip(pair1, pair2, strict=True)], dim=1)
-        return fused * self._discriminate(summed).softmax(dim=1)[:, 1]
+        return fused * self._discriminate(_summed(maps, len(strides))).softmax(dim=1)[:, 1]
 
     def write_training_samples(self, images: torch.Tensor, path: Any, n: int = 8) -> Path:
         """Pair 2's inputs when it trains on synthetic anomalies (normal | anomaly | mask)."""
