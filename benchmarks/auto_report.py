@@ -7,7 +7,10 @@ tested; the JSON holds each candidate's judge score beside its test image AUROC,
 pixel AUROC and AUPRO, the Spearman rank correlation between judge and test over
 all candidates, the winner's test metrics and their gap to the best candidate's,
 and the judge's ranking with the kinds-trained-on rule switched off (what the rule
-changes).
+changes). ``--rejudge`` judges every candidate's run again as it stands now, with
+the judgement's standard error, and says which candidate the current rule (the
+cheapest within one standard error of the best) keeps: the rule measured on a search
+made before it.
 
     python benchmarks/auto_report.py --run runs/auto_mtd --name auto/mtd
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,10 +27,19 @@ from typing import Any
 import torch
 from scipy.stats import spearmanr
 
-from anomap.auto import JUDGE_IMAGES, Candidate, _held_out, judge, judge_set
+from anomap.auto import (
+    JUDGE_IMAGES,
+    Candidate,
+    _held_out,
+    candidates,
+    cheapest_within_noise,
+    judge,
+    judge_set,
+)
 from anomap.calibrate import retune
 from anomap.evaluate import evaluate_run
 from anomap.machine import describe_machine
+from anomap.methods import METHODS
 from anomap.run import LoadSettings
 from anomap.runfolder import RunConfig, load_json
 
@@ -49,7 +62,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True, help="the run auto wrote")
     parser.add_argument("--name", required=True, help="results/<name>.json")
+    parser.add_argument("--rejudge", action="store_true",
+                        help="judge every candidate again, with its standard error, and "
+                             "apply the current rule")
+    parser.add_argument("--tested", type=Path,
+                        help="an earlier report of the same search: its test metrics are "
+                             "taken instead of testing every candidate again")
     args = parser.parse_args()
+    earlier = ({r["candidate"]: r["test"] for r in load_json(args.tested)["candidates"]}
+               if args.tested else {})
     selection = load_json(args.run / "selection.json")
     rows = []
     judged_sets: dict[tuple[int, str, int], Any] = {}
@@ -61,22 +82,28 @@ def main() -> None:
                 row["candidate"].replace(":", "-")
             entry = {key: row[key] for key in ("candidate", "state", "epochs", "score",
                                                "trained_on_kinds")}
-            entry["test"] = tested(source, row["best_reading"], Path(scratch))
+            entry["test"] = earlier.get(row["candidate"]) or tested(
+                source, row["best_reading"], Path(scratch))
             method, preset = row["candidate"].split(":")
             candidate = Candidate(method, preset, row["epochs"])
+            config = RunConfig.load(source)
+            geometry = config.geometry
+            key = (geometry.size, geometry.mode, geometry.margin)
+            if key not in judged_sets and (candidate.trained_on or args.rejudge):
+                judged_sets[key] = judge_set(_held_out(config), geometry,
+                                             selection["search"]["seed"])
             if candidate.trained_on:  # the same candidate judged on every kind, its own too
-                config = RunConfig.load(source)
-                geometry = config.geometry
-                key = (geometry.size, geometry.mode, geometry.margin)
-                if key not in judged_sets:
-                    judged_sets[key] = judge_set(_held_out(config), geometry,
-                                                 selection["search"]["seed"])
                 entry["score_judged_on_every_kind"] = judge(
                     source, judged_sets[key], set(), torch.device("cpu"))["score"]
+            if args.rejudge:
+                again = judge(source, judged_sets[key], candidate.trained_on,
+                              torch.device("cpu"))
+                entry["rejudged"] = {k: again[k] for k in ("score", "standard_error",
+                                                           "replicates")}
             rows.append(entry)
     judge_scores = [r["score"] for r in rows]
     result: dict[str, Any] = {
-        "command": f"python benchmarks/auto_report.py --run {args.run} --name {args.name}",
+        "command": " ".join(["python", "benchmarks/auto_report.py", *sys.argv[1:]]),
         "run": str(args.run), "winner": selection["winner"]["candidate"],
         "why": selection["why"], "budget_seconds": selection["budget_seconds"],
         "spent_seconds": selection["spent_seconds"], "judge_images": JUDGE_IMAGES,
@@ -96,6 +123,18 @@ def main() -> None:
                                              - winner["test"]["image_auroc"], 4)
     unruled = {r["candidate"]: r.get("score_judged_on_every_kind", r["score"]) for r in rows}
     result["winner_without_the_rule"] = max(unruled, key=unruled.get)
+    if args.rejudge:
+        costs = {c.method: METHODS[c.method].relative_cost for c in candidates("cpu")}
+        cheapest_first = sorted(rows, key=lambda r: costs[r["candidate"].split(":")[0]])
+        kept, top = cheapest_within_noise([r["rejudged"] for r in cheapest_first])
+        result["rule_now"] = {
+            "kept": cheapest_first[kept]["candidate"],
+            "best_by_judge": cheapest_first[top]["candidate"],
+            "kept_test": cheapest_first[kept]["test"],
+            "gap_image_auroc": round(best["test"]["image_auroc"]
+                                     - cheapest_first[kept]["test"]["image_auroc"], 4)}
+        for row in rows:
+            row["rejudged"].pop("replicates")
     path = ROOT / "results" / f"{args.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")

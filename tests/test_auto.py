@@ -10,12 +10,21 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import anomap
 from anomap import data as data_module
-from anomap.auto import SELECTION_FILE, Candidate, candidates, judge_maps, load_selection
+from anomap.auto import (
+    BOOTSTRAP,
+    SELECTION_FILE,
+    Candidate,
+    candidates,
+    cheapest_within_noise,
+    judge_maps,
+    load_selection,
+)
 from anomap.run import Detector
 from anomap.runfolder import RunConfig
 
@@ -53,6 +62,33 @@ def test_the_judge_on_hand_made_maps() -> None:
         judge_maps(normal[:3], normal, {})
 
 
+def test_the_judges_standard_error_and_the_cheapest_within_noise() -> None:
+    generator = torch.Generator().manual_seed(1)
+    normal = torch.rand(8, 16, 16, generator=generator)
+    masks = _masks(8)
+    faint = normal.clone()
+    faint[masks] += 0.3  # found on most images, not all: a judgement with some noise
+    verdict = judge_maps(normal[:3], normal, {"blob": (faint, masks)})
+    replicates = np.asarray(verdict["replicates"])
+    assert len(replicates) == BOOTSTRAP and 0 < verdict["standard_error"] < 0.2
+    # the replicates centre on the judgement (histogram pixel AUROC, resampled images)
+    assert abs(np.median(replicates) - verdict["score"]) < 2 * verdict["standard_error"]
+    again = judge_maps(normal[:3], normal, {"blob": (faint, masks)})
+    assert again["replicates"] == verdict["replicates"]  # fixed draws: paired candidates
+
+    def judged(score: float, shift: float, noise: float) -> dict[str, object]:
+        wobble = np.random.default_rng(0).normal(0, noise, BOOTSTRAP)
+        return {"score": score, "replicates": list(score + shift * wobble + 0.02 * np.sin(
+            np.arange(BOOTSTRAP)))}
+
+    # cheapest first: a cheap candidate 0.01 below the best, paired differences of
+    # spread 0.03, is kept; 0.1 below (beyond the noise) it is not
+    assert cheapest_within_noise([judged(0.90, 1, 0.03), judged(0.91, 0, 0.0)]) == (0, 1)
+    assert cheapest_within_noise([judged(0.80, 1, 0.03), judged(0.90, 0, 0.0)]) == (1, 1)
+    # without replicates (a search from before them) the best is kept
+    assert cheapest_within_noise([{"score": 0.90}, {"score": 0.91}]) == (1, 1)
+
+
 def test_a_candidate_is_never_judged_on_the_kinds_it_trained_on() -> None:
     assert Candidate("draem", "cpu", 25).trained_on == {"texture"}
     assert Candidate("fractalad", "cpu", 30).trained_on == {"fractal", "cutpaste"}
@@ -85,7 +121,10 @@ def test_auto_never_reads_the_test_split_and_writes_an_ordinary_run(
     assert load_selection(out) == json.loads((out / SELECTION_FILE).read_text()) == selection
     ranked = [row for row in selection["candidates"] if "score" in row]
     assert [r["score"] for r in ranked] == sorted((r["score"] for r in ranked), reverse=True)
-    assert selection["winner"]["candidate"] == ranked[0]["candidate"]
+    assert selection["best_by_judge"] == ranked[0]["candidate"]
+    kept = next(r for r in ranked if r["candidate"] == selection["winner"]["candidate"])
+    if kept is not ranked[0]:  # a cheaper one, within noise of the best
+        assert ranked[0]["score"] - kept["score"] <= 3 * ranked[0]["standard_error"]
     config = RunConfig.load(out)  # an ordinary run: test, predict, export work on it
     assert f"{config.method}:" in selection["winner"]["candidate"]
     assert config.model["image_score"] == selection["winner"]["reading"]["image_score"]
@@ -126,6 +165,7 @@ def test_the_report_section_ranks_the_candidates_and_marks_what_each_trained_on(
                  "kinds": {"line": "", "texture": ""},
                  "candidates": [{"candidate": "a:paper", "state": "complete", "epochs": 1,
                                  "score": 0.9, "best_reading": reading,
+                                 "standard_error": 0.012,
                                  "trained_on_kinds": [], "training_seconds": 3.0},
                                 {"candidate": "b:cpu", "state": "pruned", "epochs": 1,
                                  "score": 0.5, "best_reading": reading,
@@ -135,3 +175,22 @@ def test_the_report_section_ranks_the_candidates_and_marks_what_each_trained_on(
     page = selection_section(selection)
     assert page.index("a:paper") < page.index("b:cpu") < page.index("c:paper")
     assert "No defective image was used." in page and page.count("trained on") == 1
+    assert "0.900 ± 0.012" in page  # the judge with its standard error
+
+
+def test_recipe_flags_reach_every_candidate(toy_data: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--batch-size`` (what bounds training memory) and ``--epochs`` are not dropped
+    by ``--model auto``: every candidate trains with them."""
+    from anomap import auto, cli
+
+    seen = []
+
+    def captured(search: auto.Search) -> dict[str, str]:
+        seen.append(search)
+        return {"why": "captured"}
+
+    monkeypatch.setattr(auto, "run_search", captured)
+    assert cli.main(["train", "--model", "auto", "--data", str(toy_data), "--out",
+                     str(tmp_path / "auto"), "--batch-size", "4", "--epochs", "3"]) == 0
+    assert seen[0].recipe == {"batch_size": 4} and seen[0].max_epochs == 3

@@ -66,6 +66,12 @@ RUNGS = 6
 #: held-out normals the judge reads: half fit the position statistics of the
 #: "position" readings, half are judged clean and with each kind of anomaly pasted in
 JUDGE_IMAGES = 32
+#: bootstrap resamples of the judged images behind a judgement's standard error; the
+#: draws depend only on the seed, the kind and the image counts, so two candidates'
+#: replicates are paired (the same images in each resample)
+BOOTSTRAP = 200
+#: bins of the pooled map values for the bootstrap's pixel AUROC (from histograms)
+BOOTSTRAP_BINS = 512
 #: the readings of a trained map that need no retraining: (image score, window, maps)
 READINGS = tuple((score, window, normalization)
                  for normalization in ("none", "position")
@@ -184,31 +190,109 @@ def judge_maps(fit_maps: torch.Tensor, normal_maps: torch.Tensor,
     for score, window, normalization in READINGS:
         if normalization == "position" and stats is None:
             continue
-        read: Callable[[torch.Tensor], torch.Tensor] = (
-            stats if normalization == "position" and stats is not None else (lambda m: m))
-        options = {"image_score": score, "score_window": window}
-        normal = read(normal_maps)
-        normal_scores = image_score(normal, options).double().numpy()
+        reading: dict[str, Any] = {"image_score": score, "score_window": window,
+                                   "map_normalization": normalization}
+        normal, normal_scores, anomalous = _read(reading, stats, normal_maps, kinds)
         per_kind = {}
-        for kind, (kind_maps, masks) in kinds.items():
-            anomalous = read(kind_maps)
-            scores = image_score(anomalous, options).double().numpy()
+        for kind, (kind_maps, masks, scores) in anomalous.items():
             labels = np.r_[np.zeros(len(normal_scores)), np.ones(len(scores))]
-            image = image_auroc(labels, np.r_[normal_scores, scores])
+            image = image_auroc(labels, torch.cat((normal_scores, scores)).double().numpy())
             pixel = pixel_auroc(torch.cat((torch.zeros_like(normal, dtype=torch.bool),
                                            masks.bool())).numpy(),
-                                torch.cat((normal, anomalous)).numpy())
+                                torch.cat((normal, kind_maps)).numpy())
             per_kind[kind] = {"image_auroc": round(image, 4), "pixel_auroc": round(pixel, 4),
                               "score": round((image + pixel) / 2, 4)}
-        spread = float(np.std(normal_scores) / (abs(np.mean(normal_scores)) + 1e-12))
-        readings.append({"image_score": score, "score_window": window,
-                         "map_normalization": normalization,
+        clean = normal_scores.double().numpy()
+        spread = float(np.std(clean) / (abs(np.mean(clean)) + 1e-12))
+        readings.append({**reading,
                          "score": round(float(np.mean([k["score"] for k in per_kind.values()])),
                                         4),
                          "kinds": per_kind, "normal_score_spread": round(spread, 4)})
     best = max(readings, key=lambda r: r["score"])
+    replicates = judge_replicates(*_read(best, stats, normal_maps, kinds))
     return {"score": best["score"], "best_reading": best, "readings": readings,
-            "judged_on": list(kinds)}
+            "judged_on": list(kinds), "replicates": [round(float(v), 5) for v in replicates],
+            "standard_error": round(float(np.std(replicates)), 4)}
+
+
+def _read(reading: dict[str, Any], stats: PositionStats | None, normal_maps: torch.Tensor,
+          kinds: dict[str, tuple[torch.Tensor, torch.Tensor]]
+          ) -> tuple[torch.Tensor, torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor,
+                                                              torch.Tensor]]]:
+    """The clean and anomalous maps and image scores as ``reading`` reads them."""
+    read = stats if reading["map_normalization"] == "position" and stats is not None else (
+        lambda m: m)
+    options = {"image_score": reading["image_score"], "score_window": reading["score_window"]}
+    normal = read(normal_maps)
+    anomalous = {kind: (read(maps), masks) for kind, (maps, masks) in kinds.items()}
+    return normal, image_score(normal, options), {
+        kind: (maps, masks, image_score(maps, options))
+        for kind, (maps, masks) in anomalous.items()}
+
+
+def cheapest_within_noise(judgements: list[dict[str, Any]]) -> tuple[int, int]:
+    """The index of the judgement to keep among ``judgements`` (cheapest candidate
+    first), and that of the best judge value. The cheapest candidate whose judge value
+    is below the best's by no more than one standard error of their difference (over
+    paired bootstrap replicates: the same judged images) is kept: on a few dozen judged
+    images such a difference is noise, and the cheaper candidate (PatchCore, nothing
+    trained) has the fewer settings fitted to this product (Breiman's one-standard-error
+    rule). Judgements without replicates (a search from before them) keep the best."""
+    best = max(range(len(judgements)), key=lambda i: judgements[i]["score"])
+    top = np.asarray(judgements[best].get("replicates") or [])
+    for index, judgement in enumerate(judgements[:best]):
+        other = np.asarray(judgement.get("replicates") or [])
+        if len(top) and len(other) == len(top) and (
+                judgements[best]["score"] - judgement["score"] <= np.std(top - other)):
+            return index, best
+    return best, best
+
+
+def judge_replicates(normal: torch.Tensor, normal_scores: torch.Tensor,
+                     kinds: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                     seed: int = 0) -> np.ndarray:
+    """:data:`BOOTSTRAP` resampled values of a judgement: the judged clean images and
+    each kind's anomalous images drawn with replacement, the score recomputed (pixel
+    AUROC from per-image histograms over shared bins). Their spread is the judgement's
+    standard error; the draws are fixed by ``seed``, the kind and the counts, so the
+    replicates of two candidates judged on the same set differ only by the candidates."""
+    count = len(normal)
+    values = torch.cat([normal.flatten()] + [m.flatten() for m, _, _ in kinds.values()])
+    sample = values[torch.randperm(len(values), generator=torch.Generator().manual_seed(seed))
+                    [:200_000]].double().numpy()
+    edges = np.unique(np.quantile(sample, np.linspace(0, 1, BOOTSTRAP_BINS + 1)[1:-1]))
+
+    def histograms(maps: torch.Tensor, masks: torch.Tensor | None) -> tuple[np.ndarray, ...]:
+        bins = np.searchsorted(edges, maps.flatten(1).double().numpy())
+        offsets = (np.arange(len(bins)) * (len(edges) + 1))[:, None]
+        size = len(bins) * (len(edges) + 1)
+        positive = (np.zeros(bins.shape, dtype=bool) if masks is None
+                    else masks.flatten(1).bool().numpy())
+        counts = [np.bincount((bins + offsets)[part], minlength=size).reshape(len(bins), -1)
+                  for part in (~positive, positive)]
+        return counts[0].astype(np.float64), counts[1].astype(np.float64)
+
+    def resample(size: int, stream: int) -> np.ndarray:
+        draws = np.random.default_rng([seed, stream, size]).integers(0, size, (BOOTSTRAP, size))
+        return np.stack([np.bincount(row, minlength=size) for row in draws]).astype(np.float64)
+
+    clean_negative, _ = histograms(normal, None)
+    clean_weights = resample(count, 0)
+    clean_scores = normal_scores.double().numpy()
+    total = np.zeros(BOOTSTRAP)
+    for kind, (maps, masks, scores) in kinds.items():
+        negative, positive = histograms(maps, masks)
+        weights = resample(len(maps), 1 + list(KINDS).index(kind) if kind in KINDS else 99)
+        above = scores.double().numpy()[None, :] - clean_scores[:, None]
+        wins = (above > 0) + 0.5 * (above == 0)
+        image = np.einsum("bi,ij,bj->b", clean_weights, wins, weights) / (count * len(maps))
+        negatives = clean_weights @ clean_negative + weights @ negative
+        positives = weights @ positive
+        below = np.cumsum(negatives, axis=1) - 0.5 * negatives
+        pixel = (positives * below).sum(1) / np.maximum(
+            positives.sum(1) * negatives.sum(1), 1e-12)
+        total += (image + pixel) / 2
+    return total / len(kinds)
 
 
 @dataclass
@@ -403,11 +487,13 @@ def _finish(search: Search, study: Any, pool: list[Candidate], optuna: Any) -> d
     states = optuna.trial.TrialState
     by_name = {t.params.get("candidate"): t for t in study.trials
                if t.state in (states.COMPLETE, states.PRUNED) and "judge" in t.user_attrs}
-    ranked = sorted(by_name.values(), key=lambda t: -t.user_attrs["judge"]["score"])
-    if not ranked:
+    judged = [by_name[c.name] for c in pool if c.name in by_name]  # cheapest first
+    if not judged:
         raise RuntimeError(f"--model auto: no candidate finished a rung within the budget "
                            f"({search.budget_seconds:.0f} s); raise --budget")
-    winner = ranked[0]  # by its last judgement (a pruned one was judged at its last rung)
+    # by each one's last judgement (a pruned one was judged at its last rung)
+    kept, best = cheapest_within_noise([t.user_attrs["judge"] for t in judged])
+    winner, top = judged[kept], judged[best]
     reading = winner.user_attrs["judge"]["best_reading"]
     source = Path(winner.user_attrs["run"])
     retune(source, search.out, {"image_score": reading["image_score"],
@@ -427,6 +513,7 @@ def _finish(search: Search, study: Any, pool: list[Candidate], optuna: Any) -> d
             history = load_history(trial.user_attrs["run"])
             row.update(state="pruned" if trial.state == states.PRUNED else "complete",
                        epochs=trial.user_attrs.get("epochs"), score=verdict["score"],
+                       standard_error=verdict.get("standard_error"),
                        best_reading=verdict["best_reading"], judged_on=verdict["judged_on"],
                        seconds=trial.user_attrs.get("seconds"),
                        training_seconds=round(sum(h["seconds"] for h in history), 1),
@@ -434,13 +521,17 @@ def _finish(search: Search, study: Any, pool: list[Candidate], optuna: Any) -> d
                               if k.startswith("rung")])
         rows.append(row)
     rows.sort(key=lambda r: -r.get("score", -1.0))
-    second = next((r for r in rows[1:] if "score" in r), None)
-    why = (f"{winner.params['candidate']} read with image score {reading['image_score']}"
+    name = winner.params["candidate"]
+    second = next((r for r in rows if "score" in r and r["candidate"] != name), None)
+    why = (f"{name} read with image score {reading['image_score']}"
            + (f" (window {reading['score_window']})" if reading["score_window"] > 1 else "")
            + f", maps {reading['map_normalization']}: judge {reading['score']:.3f}, the mean "
            f"of image and pixel AUROC over {len(winner.user_attrs['judge']['judged_on'])} "
            f"kinds of synthetic anomaly it never trained on"
-           + (f"; next: {second['candidate']} {second['score']:.3f}" if second else ""))
+           + (f"; {top.params['candidate']} judged {top.user_attrs['judge']['score']:.3f}, "
+              f"within one standard error of their difference, and {name} is the cheaper"
+              if top is not winner else
+              f"; next: {second['candidate']} {second['score']:.3f}" if second else ""))
     selection = {
         "no_defective_image_used": True,
         "statement": "No defective image was used: candidates were trained on the normal "
@@ -450,14 +541,17 @@ def _finish(search: Search, study: Any, pool: list[Candidate], optuna: Any) -> d
         "winner": {"candidate": winner.params["candidate"], "reading": reading,
                    "source_run": str(source)},
         "why": why,
+        "best_by_judge": top.params["candidate"],
         "rule": "each candidate is judged only on the kinds of synthetic anomaly it did not "
                 "train on; its score is the mean over those kinds of (image AUROC + pixel "
-                "AUROC) / 2",
+                "AUROC) / 2; the cheapest candidate within one standard error (paired "
+                "bootstrap over the judged images) of the best is kept",
         "kinds": KINDS,
         "budget_seconds": search.budget_seconds, "spent_seconds": round(_spent(study), 1),
         "rungs": RUNGS, "judge_images": JUDGE_IMAGES,
         "candidates": rows, "machine": describe_machine(),
-        "search": {"data": asdict(search.data), "seed": search.seed,
+        "search": {"data": asdict(search.data), "seed": search.seed, "recipe": search.recipe,
+                   "max_epochs": search.max_epochs,
                    "workspace": str(search.workspace)},
     }
     save_json(selection, search.out / SELECTION_FILE)

@@ -559,9 +559,13 @@ def cmd_auto(args: argparse.Namespace) -> int:
     source = DataSource(str(args.data.resolve()), val_fraction=args.val_fraction,
                         defect_dir=args.defect_dir, mask_dir=args.mask_dir,
                         test_normal_dir=args.test_normal_dir)
+    # recipe flags apply to every candidate (--batch-size bounds training memory);
+    # --epochs caps each candidate's epochs, the search still cuts them into rungs
+    given = {k: v for k, v in _recipe_values(args).items() if v is not None}
     search = Search(source, args.out, budget_seconds=args.budget, methods=args.candidates,
                     seed=args.seed, device=args.device, storage=args.storage,
-                    progress=not args.no_progress)
+                    recipe={k: v for k, v in given.items() if k != "epochs"},
+                    max_epochs=given.get("epochs"), progress=not args.no_progress)
     if search.workspace.exists():
         print(f"anomap: resuming the search in {search.workspace}", file=sys.stderr)
     selection = run_search(search)

@@ -719,6 +719,8 @@ def selection_section(selection: dict) -> str:
                + (f" {reading.get('score_window')}px" if reading.get("score_window", 1) > 1
                   else "") + f", {reading.get('map_normalization')}") if reading else ""
         score = f"{row['score']:.3f}" if "score" in row else ""
+        if row.get("standard_error") is not None:
+            score += f" ± {row['standard_error']:.3f}"
         spread = (f"{reading['normal_score_spread']:.3f}"
                   if "normal_score_spread" in reading else "")
         seconds = f"{row['training_seconds']:.0f}" if "training_seconds" in row else ""
@@ -730,6 +732,6 @@ def selection_section(selection: dict) -> str:
         f"<p>{_esc(selection.get('statement', ''))}</p>"
         f"<p><b>Why:</b> {_esc(selection.get('why', ''))}. Rule: "
         f"{_esc(selection.get('rule', ''))}.</p>"
-        "<table><tr><th>candidate</th><th>state</th><th>epochs</th><th>judge</th>"
+        "<table><tr><th>candidate</th><th>state</th><th>epochs</th><th>judge ± s.e.</th>"
         f"<th>best reading</th>{head}<th>normal score spread</th><th>training s</th></tr>"
         + "".join(rows) + "</table>")
