@@ -5,6 +5,7 @@ failed check or a missing runtime is a clear error with nothing written."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -215,6 +216,29 @@ def test_a_runtime_that_disagrees_where_it_runs_is_refused_or_falls_back(
     for a, b in zip(ours, fallback.predict(_photos(toy_data)), strict=True):  # the run's fp32
         assert a.verdict == b.verdict and a.score == pytest.approx(b.score, rel=1e-4)
     assert Detector.load(export, probe="off").precision == "int8"
+
+
+def test_a_runtime_that_failed_the_export_check_is_not_loaded_on_the_probe_alone(
+        int8_export: Path, tmp_path: Path) -> None:
+    """On an AMD CPU, OpenVINO's int8 RSTPM failed the export's check (25 of 435
+    verdicts) while ONNX Runtime's passed, and the 18-image probe then passed it at
+    load: the whole check, where it failed, outweighs the probe."""
+    export = tmp_path / "export"
+    shutil.copytree(int8_export, export)
+    record = json.loads((export / "export.json").read_text())
+    record["agreement_by_runtime"]["openvino"].update(
+        passed=False, problems=["verdicts differ on 25 of 435 images"])
+    (export / "export.json").write_text(json.dumps(record))
+    with pytest.raises(trust.DisagreementError, match="failed the export's check where the "
+                       "export was built .*25 of 435"):
+        Detector.load(export, runtime="openvino")
+    auto = Detector.load(export)
+    assert auto.runtime == "onnxruntime" and auto.precision == "int8"
+    assert "failed the export's check" in " ".join(
+        " ".join(r["problems"]) for r in auto.load_report["tried"])
+    fallback = Detector.load(export, runtime="openvino", probe="fallback")
+    assert fallback.precision == "fp32" and fallback.load_report["graph"] == "fp32"
+    assert Detector.load(export, runtime="openvino", probe="off").precision == "int8"
 
 
 def test_runtime_auto_takes_the_fastest_runtime_that_passes_the_probe(

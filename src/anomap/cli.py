@@ -741,7 +741,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             line += ", {kind} pixel AUROC {1:.3f} (run {0:.3f})".format(
                 *aurocs["pixel_auroc"], kind=kind)
         print(line + ("" if agreement["passed"] else
-                      f"; FAILS: {', '.join(agreement['problems'])}"))
+                      f"; FAILS: {', '.join(agreement['problems'])}; it will not be loaded "
+                      f"with this export (runtime auto takes one that passed)"))
     if "recalibrated" in record:
         old, new = record["recalibrated"]["threshold"]
         print(f"  int8 threshold recalibrated on its own held-out maps: {old:.6g} -> {new:.6g}")

@@ -224,9 +224,20 @@ class Detector:
                 log.warning("%s: %s", path, why)
             return detector
         int8 = bool(export.get("int8"))
-        tried: list[tuple[Detector, dict[str, Any]]] = []
+        checked = export.get("agreement_by_runtime", {})  # of the export's own graph
+        tried: list[tuple[Detector | None, dict[str, Any]]] = []
         for graph_is_fp32 in ((False, True) if int8 and probe == "fallback" else (False,)):
             for name in candidates:
+                failed_check = not graph_is_fp32 and checked.get(name, {}).get("passed") is False
+                if failed_check:  # the whole check outweighs the probe's 18 images
+                    tried.append((None, {
+                        "runtime": name, "graph": "int8" if int8 else "fp32",
+                        "passed": False, "seconds": 0.0,
+                        "images_per_second": 0.0,
+                        "problems": ["it failed the export's check where the export was "
+                                     "built (" + "; ".join(checked[name]["problems"])
+                                     + "); export again on this machine to check it here"]}))
+                    continue
                 detector = cls._from_export(path, config, name, graph_is_fp32)
                 report = replay(detector.read, stored, int8 and not graph_is_fp32)
                 report.update(runtime=name, graph="fp32" if graph_is_fp32 or not int8
@@ -248,7 +259,9 @@ class Detector:
             raise DisagreementError(
                 f"{path}: the export does not keep the run's decisions on this machine "
                 f"({len(stored.check)} probe images: {failures}); {advice}")
-        detector, best = max(passing, key=lambda pair: pair[1]["images_per_second"])
+        found, best = max(passing, key=lambda pair: pair[1]["images_per_second"])
+        assert found is not None
+        detector = found
         others = [f"{r['runtime']} {r['graph']} {r['images_per_second']:g} img/s"
                   + ("" if r["passed"] else " (failed the probe)")
                   for d, r in tried if d is not detector]
