@@ -195,3 +195,19 @@ def test_an_oversized_image_is_refused_before_decoding_with_its_size(tmp_path: P
     with pytest.raises(ImageReadError, match="over the limit of 1,000"):
         load_image(small, max_pixels=1000)
     assert load_image(small, max_pixels=1200).size == (40, 30)
+
+
+def test_the_demo_can_hold_large_faint_defects_instead(tmp_path: Path) -> None:
+    """``defects=LARGE_DEFECT_TYPES``: soft tone changes a fifth to a third of the tile
+    across, with their masks."""
+    from anomap.demo import LARGE_DEFECT_TYPES, make_demo_dataset
+
+    folder = make_demo_dataset(tmp_path, "brick", n_train=2, n_test_good=1,
+                               n_test_per_defect=3, tile_size=96, defects=LARGE_DEFECT_TYPES,
+                               name="brick_faint")
+    assert folder.name == "brick_faint"
+    assert sorted(p.name for p in (folder / "test").iterdir()) == ["faint", "good"]
+    for mask_path in sorted((folder / "ground_truth" / "faint").iterdir()):
+        mask = np.asarray(Image.open(mask_path)) > 127
+        across = mask.any(axis=0).sum()
+        assert 96 // 6 <= across <= 96 // 3 + 2  # large: not a speck, not the whole tile

@@ -14,6 +14,9 @@ from PIL import Image, ImageDraw, ImageFilter
 
 TEXTURES = ("brick", "grass", "gravel")
 DEFECT_TYPES = ("scratch", "hole", "stain")
+#: not in the default set: a large, faint change of tone (a fifth to a third of the tile
+#: across, 20-30 grey levels), the kind of defect MTD has and local features see little of
+LARGE_DEFECT_TYPES = ("faint",)
 
 
 def texture_photo(name: str) -> np.ndarray:
@@ -52,6 +55,10 @@ def _defect_mask(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
             ox, oy = rng.integers(-size // 16, size // 16, 2)
             rx, ry = rng.integers(size // 20, size // 10, 2)
             draw.ellipse([cx + ox - rx, cy + oy - ry, cx + ox + rx, cy + oy + ry], fill=255)
+    elif kind == "faint":
+        cx, cy = rng.integers(size // 3, size - size // 3, 2)
+        rx, ry = rng.integers(size // 10, size // 6, 2)
+        draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=255)
     else:
         raise ValueError(f"unknown defect type {kind!r}")
     return np.asarray(canvas) > 127
@@ -65,6 +72,10 @@ def _apply_defect(tile: np.ndarray, mask: np.ndarray, kind: str,
         target = np.full_like(tile, 235.0 if rng.random() < 0.5 else 20.0)
     elif kind == "hole":
         target = np.full_like(tile, rng.uniform(0, 25))
+    elif kind == "faint":  # the texture kept, its tone shifted a little, soft edges
+        soft = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).filter(
+            ImageFilter.GaussianBlur(6.0)), dtype=np.float32) / 255.0
+        target = tile + rng.choice([-1.0, 1.0]) * rng.uniform(20.0, 30.0)
     else:  # a stain changes the tone but keeps some texture
         target = tile * 0.45 + rng.choice([-1.0, 1.0]) * 70.0 + 40.0
     return np.clip(tile * (1 - soft) + target * soft, 0, 255)
@@ -72,11 +83,13 @@ def _apply_defect(tile: np.ndarray, mask: np.ndarray, kind: str,
 
 def make_demo_dataset(root: str | Path, texture: str = "brick", *, n_train: int = 60,
                       n_test_good: int = 16, n_test_per_defect: int = 8, tile_size: int = 160,
-                      seed: int = 0) -> Path:
-    """Write an MVTec-layout dataset under ``root/texture`` and return that folder."""
+                      seed: int = 0, defects: tuple[str, ...] = DEFECT_TYPES,
+                      name: str | None = None) -> Path:
+    """Write an MVTec-layout dataset under ``root/<name or texture>`` and return that
+    folder (``defects``: which kinds, e.g. :data:`LARGE_DEFECT_TYPES`)."""
     rng = np.random.default_rng(seed)
     photo = texture_photo(texture)
-    out = Path(root) / texture
+    out = Path(root) / (name or texture)
 
     def save(array: np.ndarray, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +99,7 @@ def make_demo_dataset(root: str | Path, texture: str = "brick", *, n_train: int 
         save(_tile(photo, tile_size, rng), out / "train" / "good" / f"{i:03d}.png")
     for i in range(n_test_good):
         save(_tile(photo, tile_size, rng), out / "test" / "good" / f"{i:03d}.png")
-    for kind in DEFECT_TYPES:
+    for kind in defects:
         for i in range(n_test_per_defect):
             mask = _defect_mask(kind, tile_size, rng)
             tile = _apply_defect(_tile(photo, tile_size, rng), mask, kind, rng)
