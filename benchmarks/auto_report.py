@@ -31,6 +31,7 @@ from anomap.auto import (
     JUDGE_IMAGES,
     Candidate,
     _held_out,
+    candidate_run,
     candidates,
     cheapest_within_noise,
     judge,
@@ -78,8 +79,7 @@ def main() -> None:
         for row in selection["candidates"]:
             if "score" not in row:
                 continue
-            source = Path(selection["search"]["workspace"]) / "candidates" / \
-                row["candidate"].replace(":", "-")
+            source = candidate_run(args.run, row["candidate"])
             entry = {key: row[key] for key in ("candidate", "state", "epochs", "score",
                                                "trained_on_kinds")}
             entry["test"] = earlier.get(row["candidate"]) or tested(

@@ -5,6 +5,7 @@ choice, a search that never opens the test split, and selection.json."""
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from anomap.auto import (
     judge_maps,
     load_selection,
 )
+from anomap.cli import main
 from anomap.run import Detector
 from anomap.runfolder import RunConfig
 
@@ -130,6 +132,13 @@ def test_auto_never_reads_the_test_split_and_writes_an_ordinary_run(
     assert config.model["image_score"] == selection["winner"]["reading"]["image_score"]
     photo = next((toy_data / "test" / "good").iterdir())
     assert Detector.load(out, "cpu").predict(photo)[0].verdict in ("pass", "fail")
+    # the best by the judge, taken instead with the printed command, is a run of its own
+    command = shlex.split(selection["take_best_by_judge"])
+    assert command[:2] == ["anomap", "retune"]
+    assert main([*command[1:], "--no-progress", "--device", "cpu"]) == 0
+    taken = RunConfig.load(command[command.index("--out") + 1])
+    assert f"{taken.method}:" in selection["best_by_judge"]
+    assert taken.model["image_score"] == ranked[0]["best_reading"]["image_score"]
 
 
 @pytest.mark.timeout(400)
@@ -176,6 +185,11 @@ def test_the_report_section_ranks_the_candidates_and_marks_what_each_trained_on(
     assert page.index("a:paper") < page.index("b:cpu") < page.index("c:paper")
     assert "No defective image was used." in page and page.count("trained on") == 1
     assert "0.900 ± 0.012" in page  # the judge with its standard error
+    assert "take it instead" not in page
+    kept_cheaper = {**selection, "winner": {"candidate": "b:cpu"}, "best_by_judge": "a:paper",
+                    "take_best_by_judge": "anomap retune --run x --out y"}
+    assert "take it instead: <code>anomap retune --run x --out y</code>" in selection_section(
+        kept_cheaper)
 
 
 def test_recipe_flags_reach_every_candidate(toy_data: Path, tmp_path: Path,

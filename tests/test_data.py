@@ -211,3 +211,20 @@ def test_the_demo_can_hold_large_faint_defects_instead(tmp_path: Path) -> None:
         mask = np.asarray(Image.open(mask_path)) > 127
         across = mask.any(axis=0).sum()
         assert 96 // 6 <= across <= 96 // 3 + 2  # large: not a speck, not the whole tile
+
+
+def test_the_demo_can_hold_hairline_cracks_instead(tmp_path: Path) -> None:
+    """``defects=FINE_DEFECT_TYPES``: cracks one pixel wide (nothing of them survives an
+    erosion by a 3x3 square, beyond where segments cross)."""
+    from scipy import ndimage
+
+    from anomap.demo import FINE_DEFECT_TYPES, make_demo_dataset
+
+    folder = make_demo_dataset(tmp_path, "gravel", n_train=2, n_test_good=1,
+                               n_test_per_defect=3, tile_size=96, defects=FINE_DEFECT_TYPES,
+                               name="gravel_fine")
+    assert sorted(p.name for p in (folder / "test").iterdir()) == ["fine", "good"]
+    for mask_path in sorted((folder / "ground_truth" / "fine").iterdir()):
+        mask = np.asarray(Image.open(mask_path)) > 127
+        assert mask.sum() > 20  # a crack, not a speck
+        assert ndimage.binary_erosion(mask, np.ones((3, 3), bool)).sum() <= 4

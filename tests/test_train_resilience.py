@@ -4,6 +4,7 @@ leaves the previous checkpoint intact and says so."""
 
 from __future__ import annotations
 
+import csv
 import errno
 import os
 import random
@@ -141,3 +142,24 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(
         progress=False,
     )
     assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 3
+
+
+def test_training_in_steps_along_one_schedule_gives_the_weights_of_one_run(
+        toy_data: Path, tmp_path: Path) -> None:
+    """``--schedule-epochs``: ``--model auto`` trains a candidate rung by rung; stopping
+    part way along the preset's lr schedule and resuming along it must be the preset's
+    recipe, with no lr restarted at a rung."""
+    schedule = ["--lr", "0.2", "--lr-milestones", "0.6", "--lr-gamma", "0.25"]
+    whole, stepped = tmp_path / "whole", tmp_path / "stepped"
+    assert _train(toy_data, whole, *schedule).returncode == 0
+    first = _train(toy_data, stepped, *schedule, "--epochs", "2", "--schedule-epochs",
+                   str(EPOCHS))
+    assert first.returncode == 0, first.stderr
+    resumed = _train(toy_data, stepped, "--resume", "--epochs", str(EPOCHS))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "lr goes up" not in resumed.stderr
+    _assert_same_weights(stepped, whole)
+    for run in (whole, stepped):
+        with (run / "history.csv").open() as f:
+            lrs = [float(row["lr"]) for row in csv.DictReader(f)]
+        assert lrs == pytest.approx([0.2, 0.2, 0.2, 0.05, 0.05])

@@ -17,6 +17,9 @@ DEFECT_TYPES = ("scratch", "hole", "stain")
 #: not in the default set: a large, faint change of tone (a fifth to a third of the tile
 #: across, 20-30 grey levels), the kind of defect MTD has and local features see little of
 LARGE_DEFECT_TYPES = ("faint",)
+#: not in the default set: hairline cracks (one pixel wide, 40-60 grey levels), finer than
+#: the stride of the middle levels PatchCore reads
+FINE_DEFECT_TYPES = ("fine",)
 
 
 def texture_photo(name: str) -> np.ndarray:
@@ -55,6 +58,9 @@ def _defect_mask(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
             ox, oy = rng.integers(-size // 16, size // 16, 2)
             rx, ry = rng.integers(size // 20, size // 10, 2)
             draw.ellipse([cx + ox - rx, cy + oy - ry, cx + ox + rx, cy + oy + ry], fill=255)
+    elif kind == "fine":  # a hairline crack: one pixel wide, a few segments
+        points = [tuple(rng.integers(margin, size - margin, 2).tolist()) for _ in range(4)]
+        draw.line(points, fill=255, width=1)
     elif kind == "faint":
         cx, cy = rng.integers(size // 3, size - size // 3, 2)
         rx, ry = rng.integers(size // 10, size // 6, 2)
@@ -72,6 +78,9 @@ def _apply_defect(tile: np.ndarray, mask: np.ndarray, kind: str,
         target = np.full_like(tile, 235.0 if rng.random() < 0.5 else 20.0)
     elif kind == "hole":
         target = np.full_like(tile, rng.uniform(0, 25))
+    elif kind == "fine":  # a hairline: hard-edged, darker or lighter than around it
+        soft = mask.astype(np.float32) * 0.8
+        target = tile + rng.choice([-1.0, 1.0]) * rng.uniform(40.0, 60.0)
     elif kind == "faint":  # the texture kept, its tone shifted a little, soft edges
         soft = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).filter(
             ImageFilter.GaussianBlur(6.0)), dtype=np.float32) / 255.0
@@ -86,7 +95,8 @@ def make_demo_dataset(root: str | Path, texture: str = "brick", *, n_train: int 
                       seed: int = 0, defects: tuple[str, ...] = DEFECT_TYPES,
                       name: str | None = None) -> Path:
     """Write an MVTec-layout dataset under ``root/<name or texture>`` and return that
-    folder (``defects``: which kinds, e.g. :data:`LARGE_DEFECT_TYPES`)."""
+    folder (``defects``: which kinds, e.g. :data:`LARGE_DEFECT_TYPES` or
+    :data:`FINE_DEFECT_TYPES`)."""
     rng = np.random.default_rng(seed)
     photo = texture_photo(texture)
     out = Path(root) / (name or texture)

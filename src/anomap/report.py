@@ -732,6 +732,11 @@ def selection_section(selection: dict) -> str:
         f"<p>{_esc(selection.get('statement', ''))}</p>"
         f"<p><b>Why:</b> {_esc(selection.get('why', ''))}. Rule: "
         f"{_esc(selection.get('rule', ''))}.</p>"
-        "<table><tr><th>candidate</th><th>state</th><th>epochs</th><th>judge ± s.e.</th>"
+        + (f"<p>The best by the judge was {_esc(selection['best_by_judge'])}, kept out as "
+           "within noise of a cheaper one. If your defects look like the kinds it scored "
+           f"best on, take it instead: <code>{_esc(selection['take_best_by_judge'])}</code></p>"
+           if selection.get("take_best_by_judge")
+           and selection.get("best_by_judge") != selection["winner"]["candidate"] else "")
+        + "<table><tr><th>candidate</th><th>state</th><th>epochs</th><th>judge ± s.e.</th>"
         f"<th>best reading</th>{head}<th>normal score spread</th><th>training s</th></tr>"
         + "".join(rows) + "</table>")

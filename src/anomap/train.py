@@ -88,12 +88,14 @@ def build_optimizer(recipe: Recipe, params: list[torch.nn.Parameter] | list[dict
 
 
 def lr_milestone_epochs(recipe: Recipe) -> list[int]:
-    """The epochs after which the lr is multiplied by ``lr_gamma``."""
-    return sorted({max(1, int(round(f * recipe.epochs))) for f in recipe.lr_milestones})
+    """The epochs after which the lr is multiplied by ``lr_gamma``: fractions of the
+    schedule's length, which is the training's own unless ``schedule_epochs`` is set."""
+    length = recipe.schedule_epochs or recipe.epochs
+    return sorted({max(1, int(round(f * length))) for f in recipe.lr_milestones})
 
 
 #: Recipe fields a resumed run may change: train it on for longer and decay the lr at the end.
-EXTENDABLE = ("epochs", "lr_milestones", "lr_gamma")
+EXTENDABLE = ("epochs", "lr_milestones", "lr_gamma", "schedule_epochs")
 
 
 def _extended_recipe(saved: dict[str, Any], overrides: dict[str, Any], run_dir: Path

@@ -113,6 +113,11 @@ class Recipe:
     lr_milestones: tuple[float, ...] = _about(
         "fractions of the epochs where lr is multiplied by --lr-gamma", default=())
     lr_gamma: float = _about("lr factor at a milestone", default=0.1)
+    # --model auto trains a candidate in steps along its preset's whole schedule, so
+    # that its last step is the preset's recipe, not restarts of shorter schedules.
+    schedule_epochs: int = _about(
+        "epochs the lr milestones are fractions of; 0: --epochs (set it above --epochs "
+        "to stop part way along a longer schedule and --resume along it)", default=0)
     # Which epoch's weights become model.pt, judged on held-out normals only.
     selection: str = _about(
         "kept epoch: val_score (lowest mean held-out image score), val_map_mean (lowest "
@@ -137,6 +142,9 @@ class Recipe:
         if self.epoch_samples < 0:
             raise ValueError(f"epoch_samples must be 0 (one pass) or more, got "
                              f"{self.epoch_samples}")
+        if self.schedule_epochs < 0:
+            raise ValueError(f"schedule_epochs must be 0 (--epochs) or more, got "
+                             f"{self.schedule_epochs}")
         if not 0.0 <= self.color_jitter <= 1.0:
             raise ValueError(f"color_jitter must lie in [0, 1], got {self.color_jitter}")
 
