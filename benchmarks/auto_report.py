@@ -32,7 +32,6 @@ from anomap.auto import (
     Candidate,
     _held_out,
     candidate_run,
-    candidates,
     cheapest_within_noise,
     judge,
     judge_set,
@@ -124,8 +123,9 @@ def main() -> None:
     unruled = {r["candidate"]: r.get("score_judged_on_every_kind", r["score"]) for r in rows}
     result["winner_without_the_rule"] = max(unruled, key=unruled.get)
     if args.rejudge:
-        costs = {c.method: METHODS[c.method].relative_cost for c in candidates("cpu")}
-        cheapest_first = sorted(rows, key=lambda r: costs[r["candidate"].split(":")[0]])
+        # the search's order: by the cost each method declares (auto.candidates)
+        cheapest_first = sorted(
+            rows, key=lambda r: METHODS[r["candidate"].split(":")[0]].relative_cost)
         kept, top = cheapest_within_noise([r["rejudged"] for r in cheapest_first])
         result["rule_now"] = {
             "kept": cheapest_first[kept]["candidate"],

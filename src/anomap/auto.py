@@ -481,7 +481,6 @@ def _train_and_judge(search: Search, candidate: Candidate, trial: Any, rung: int
     trial.set_user_attr("judge", verdict)
     trial.set_user_attr("epochs", epochs)
     trial.set_user_attr("seconds", round(previous + seconds, 1))
-    trial.set_user_attr("run", str(run))
     trial.report(verdict["score"], 2 ** rung)
     search.say(f"auto: {candidate.name} at {epochs} epochs: judge {verdict['score']:.3f}")
     return verdict["score"]
