@@ -20,7 +20,7 @@ from PIL import Image, ImageEnhance
 from test_serve import _chromium
 
 from anomap.cli import main
-from anomap.record import Query, Record
+from anomap.record import Query, Record, now
 from anomap.run import Detector
 from anomap.watch import DriftMonitor, StationSettings, open_station
 
@@ -246,6 +246,39 @@ def test_an_older_record_is_migrated_when_opened(tmp_path: Path) -> None:
     record.add_feedback(row["id"], "missed_defect", who="op2")
     assert list(record.rows())[0]["feedback"] == "missed_defect"
     assert record.threshold("s", "v") is None
+
+
+_DIE_MIDWAY = """
+import os, sys
+from alembic.operations import Operations
+create_table = Operations.create_table
+def create_then_die(self, *args, **kwargs):
+    create_table(self, *args, **kwargs)
+    os._exit(9)  # killed between the first table and the rest (CI met this on a SIGKILL)
+Operations.create_table = create_then_die
+from anomap.record import Record
+Record(sys.argv[1])
+"""
+
+_OPEN = "import sys; from anomap.record import Record; Record(sys.argv[1]).close()"
+
+
+def test_a_process_killed_while_creating_the_record_leaves_it_openable(
+        tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'record.db'}"
+    died = subprocess.run([sys.executable, "-c", _DIE_MIDWAY, url], timeout=120)
+    assert died.returncode == 9
+    record = Record(url)  # no half schema left behind ("table already exists")
+    record.add([{"station": "s", "path": "a.png", "size": 1, "mtime_ns": 2,
+                 "judged_at": now(), "verdict": "pass"}])
+    assert [row["path"] for row in record.rows()] == ["a.png"]
+    record.close()
+    starting = [subprocess.Popen([sys.executable, "-c", _OPEN,
+                                  f"sqlite:///{tmp_path / 'together.db'}"],
+                                 stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    for process in starting:  # four stations opening one new record at the same moment
+        _, errors = process.communicate(timeout=120)
+        assert process.returncode == 0, errors
 
 
 @pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium (.ci/run installs it)")

@@ -127,6 +127,9 @@ def default_url(watched: str | Path) -> str:
 
 
 def _sqlite_pragmas(connection: Any, _: Any) -> None:
+    # pysqlite commits DDL at once whatever the transaction says, so a process killed
+    # mid-migration left half a schema behind; SQLAlchemy says BEGIN itself instead
+    connection.isolation_level = None
     cursor = connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
     cursor.execute("PRAGMA synchronous=NORMAL")  # a power cut loses the last rows, never the file
@@ -134,15 +137,30 @@ def _sqlite_pragmas(connection: Any, _: Any) -> None:
     cursor.close()
 
 
+def _sqlite_begin(connection: Any) -> None:
+    # IMMEDIATE takes the write lock at once: two processes migrating one file wait for
+    # each other instead of both reading "no schema yet"
+    immediate = connection.get_execution_options().get("anomap_write_lock", False)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+#: PostgreSQL advisory lock key held while migrating ("anomap" as a number)
+_MIGRATION_LOCK = 0x616E6F6D6170
+
+
 def migrate(engine: Engine) -> None:
-    """Create the schema, or bring an older one up to this version (Alembic)."""
+    """Create the schema, or bring an older one up to this version (Alembic), all in
+    one transaction that holds the database's write lock: a process killed midway
+    leaves the schema as it was, and processes starting together migrate in turn."""
     from alembic import command
     from alembic.config import Config
 
     config = Config()
     config.set_main_option("script_location",
                            str(resources.files("anomap").joinpath("migrations")))
-    with engine.begin() as connection:
+    with engine.execution_options(anomap_write_lock=True).begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 
@@ -169,6 +187,7 @@ class Record:
         if self.engine.dialect.name == "sqlite":
             Path(self.engine.url.database or ".").parent.mkdir(parents=True, exist_ok=True)
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "begin", _sqlite_begin)
         migrate(self.engine)
 
     def close(self) -> None:
