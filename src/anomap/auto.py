@@ -187,13 +187,15 @@ def judge_maps(fit_maps: torch.Tensor, normal_maps: torch.Tensor,
     if not kinds:
         raise ValueError("nothing to judge on: every kind of anomaly is excluded")
     stats = PositionStats.fit_leave_one_out(fit_maps)[0] if len(fit_maps) >= 3 else None
-    readings = []
+    readings: list[dict[str, Any]] = []
+    best_read: tuple[Any, ...] = ()  # the best reading's maps and scores, for the bootstrap
     for score, window, normalization in READINGS:
         if normalization == "position" and stats is None:
             continue
         reading: dict[str, Any] = {"image_score": score, "score_window": window,
                                    "map_normalization": normalization}
-        normal, normal_scores, anomalous = _read(reading, stats, normal_maps, kinds)
+        read = _read(reading, stats, normal_maps, kinds)
+        normal, normal_scores, anomalous = read
         per_kind = {}
         for kind, (kind_maps, masks, scores) in anomalous.items():
             labels = np.r_[np.zeros(len(normal_scores)), np.ones(len(scores))]
@@ -205,12 +207,13 @@ def judge_maps(fit_maps: torch.Tensor, normal_maps: torch.Tensor,
                               "score": round((image + pixel) / 2, 4)}
         clean = normal_scores.double().numpy()
         spread = float(np.std(clean) / (abs(np.mean(clean)) + 1e-12))
-        readings.append({**reading,
-                         "score": round(float(np.mean([k["score"] for k in per_kind.values()])),
-                                        4),
-                         "kinds": per_kind, "normal_score_spread": round(spread, 4)})
+        mean = round(float(np.mean([k["score"] for k in per_kind.values()])), 4)
+        if not readings or mean > max(r["score"] for r in readings):
+            best_read = read
+        readings.append({**reading, "score": mean, "kinds": per_kind,
+                         "normal_score_spread": round(spread, 4)})
     best = max(readings, key=lambda r: r["score"])
-    replicates = judge_replicates(*_read(best, stats, normal_maps, kinds))
+    replicates = judge_replicates(*best_read)
     return {"score": best["score"], "best_reading": best, "readings": readings,
             "judged_on": list(kinds), "replicates": [round(float(v), 5) for v in replicates],
             "standard_error": round(float(np.std(replicates)), 4)}
