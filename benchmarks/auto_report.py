@@ -123,9 +123,13 @@ def main() -> None:
     unruled = {r["candidate"]: r.get("score_judged_on_every_kind", r["score"]) for r in rows}
     result["winner_without_the_rule"] = max(unruled, key=unruled.get)
     if args.rejudge:
-        # the search's order: by the cost each method declares (auto.candidates)
-        cheapest_first = sorted(
-            rows, key=lambda r: METHODS[r["candidate"].split(":")[0]].relative_cost)
+        # the search's order (auto.candidates): by the cost each method declares, then
+        # its presets in their declared order
+        def search_order(row: dict[str, Any]) -> tuple[float, int]:
+            method, preset = row["candidate"].split(":")
+            return METHODS[method].relative_cost, list(METHODS[method].presets()).index(preset)
+
+        cheapest_first = sorted(rows, key=search_order)
         kept, top = cheapest_within_noise([r["rejudged"] for r in cheapest_first])
         result["rule_now"] = {
             "kept": cheapest_first[kept]["candidate"],
